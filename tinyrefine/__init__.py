@@ -1,0 +1,19 @@
+"""tinyrefine: RefineNet from scratch on NumPy (and CuPy), for learning.
+
+    import tinyrefine as tr
+    import tinyrefine.functional as F
+"""
+from . import backend, functional
+from .backend import cuda_available, get_array_module
+from .engine import Function, Tensor, as_tensor, is_grad_enabled, no_grad
+from .gradcheck import gradcheck
+
+__version__ = "0.1.0"
+
+__all__ = ["Function", "Tensor", "as_tensor", "backend", "cuda_available", "functional", "get_array_module",
+           "gradcheck", "is_grad_enabled", "no_grad", "tensor"]
+
+
+def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
+    """Shorthand for ``Tensor(data, requires_grad, dtype)``."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)

@@ -1,0 +1,92 @@
+"""Where arrays live: NumPy on the CPU, CuPy on CUDA.
+
+This is the only module that imports cupy. Everything else asks
+``get_array_module(x)`` and writes code once for both libraries (DeZero's idea).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+try:  # cupy is optional: the [cuda] extra
+    import cupy as _cupy
+    try:
+        _GPU_COUNT = _cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # cupy installed but no driver / no GPU
+        _GPU_COUNT = 0
+except Exception:  # ImportError, or a broken CUDA install
+    _cupy = None
+    _GPU_COUNT = 0
+
+DEVICES = ("cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """True when cupy imports and sees at least one GPU."""
+    return _cupy is not None and _GPU_COUNT > 0
+
+
+def is_cupy_array(x: Any) -> bool:
+    return _cupy is not None and isinstance(x, _cupy.ndarray)
+
+
+def get_array_module(x: Any):
+    """numpy for host data, cupy for device data (``xp = get_array_module(x)``)."""
+    return _cupy if is_cupy_array(x) else np
+
+
+def device_of(x: Any) -> str:
+    return "cuda" if is_cupy_array(x) else "cpu"
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: expected one of {DEVICES}")
+    if device == "cuda" and not cuda_available():
+        why = "cupy is not installed (pip install 'tinyrefine[cuda]')" if _cupy is None else "cupy sees no GPU"
+        raise RuntimeError(f"device 'cuda' requested but {why}")
+    return device
+
+
+def to_device(array: Any, device: str):
+    """Copy ``array`` to ``device`` ('cpu' or 'cuda'); no copy if it is already there."""
+    check_device(device)
+    if device == "cpu":
+        return _cupy.asnumpy(array) if is_cupy_array(array) else np.asarray(array)
+    return _cupy.asarray(array)
+
+
+def as_numpy(array: Any) -> np.ndarray:
+    return _cupy.asnumpy(array) if is_cupy_array(array) else np.asarray(array)
+
+
+def raw_kernel(code: str, name: str, dtype):
+    """Compile (once per dtype) a CUDA C kernel written next to its NumPy twin.
+
+    The source uses ``T`` for its floating-point type; a typedef fixes it here."""
+    return _compile(code, name, _c_type(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(code: str, name: str, c_type: str):
+    if _cupy is None:
+        raise RuntimeError("CUDA kernels need cupy")
+    return _cupy.RawKernel(f"typedef {c_type} T;\n" + code, name)
+
+
+def _c_type(dtype) -> str:
+    """'float' for float32, 'double' for float64."""
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"CUDA kernels support float32 and float64, got {dtype}")
+
+
+def launch(kernel, n: int, args: tuple, block: int = 256) -> None:
+    """Launch a 1-D grid covering ``n`` threads."""
+    if n == 0:
+        return
+    kernel(((n + block - 1) // block,), (block,), args)

@@ -1,0 +1,150 @@
+"""Optimizers and the poly learning-rate schedule.
+
+An optimizer holds parameter groups (so the encoder can learn slower than the
+decoder, as in the paper) and updates ``p.data`` in place from ``p.grad``
+under no graph. Its state (momentum buffers, step count) round-trips through
+``state_dict()`` so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import backend
+from .nn import Parameter
+
+ParamGroups = Union[Iterable[Parameter], Sequence[Dict[str, Any]]]
+
+
+class Optimizer:
+    defaults: Dict[str, Any] = {}
+
+    def __init__(self, params: ParamGroups, **defaults: Any) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups: List[Dict[str, Any]] = []
+        for group in groups:
+            merged = {**self.defaults, **defaults, **group}
+            merged["params"] = [p for p in group["params"] if p.requires_grad]  # frozen BN stays out
+            merged.setdefault("initial_lr", merged["lr"])
+            self.param_groups.append(merged)
+        self.state: Dict[int, Dict[str, Any]] = {}  # keyed by position over all groups
+        self.steps = 0
+
+    def _indexed(self):
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield index, group, p
+                index += 1
+
+    def zero_grad(self) -> None:
+        for _, _, p in self._indexed():
+            p.grad = None
+
+    def step(self) -> None:
+        for index, group, p in self._indexed():
+            if p.grad is not None:
+                self.update(p, p.grad, group, self.state.setdefault(index, {}))
+        self.steps += 1
+
+    def update(self, p: Parameter, grad, group: Dict[str, Any], state: Dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Flat name -> array/number entries (saved to .npz by the checkpoint code)."""
+        out: Dict[str, Any] = {"steps": np.asarray(self.steps)}
+        for i, group in enumerate(self.param_groups):
+            out[f"group{i}.lr"] = np.asarray(group["lr"])
+            out[f"group{i}.initial_lr"] = np.asarray(group["initial_lr"])
+        for index, state in self.state.items():
+            for key, value in state.items():
+                out[f"state.{index}.{key}"] = backend.as_numpy(value)
+        return out
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for i, group in enumerate(self.param_groups):
+            group["lr"] = float(state[f"group{i}.lr"])
+            group["initial_lr"] = float(state[f"group{i}.initial_lr"])
+        params = {index: p for index, _, p in self._indexed()}
+        self.state = {}
+        for name, value in state.items():
+            if name.startswith("state."):
+                _, index, key = name.split(".", 2)
+                index = int(index)
+                if index not in params:
+                    raise KeyError(f"optimizer state for parameter {index}, but the optimizer has {len(params)}")
+                self.state.setdefault(index, {})[key] = backend.to_device(np.array(value), params[index].device)
+
+
+class SGD(Optimizer):
+    """v = momentum * v + (grad + weight_decay * p);  p -= lr * v   (torch's formulation)"""
+
+    defaults = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0}
+
+    def update(self, p, grad, group, state):
+        if group["weight_decay"]:
+            grad = grad + group["weight_decay"] * p.data
+        if group["momentum"]:
+            if "momentum" not in state:
+                state["momentum"] = grad.copy()
+            else:
+                state["momentum"] *= group["momentum"]
+                state["momentum"] += grad
+            grad = state["momentum"]
+        p.data -= (group["lr"] * grad).astype(p.dtype, copy=False)
+
+
+class Adam(Optimizer):
+    """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr * m_hat / (sqrt(v_hat) + eps)"""
+
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+
+    def update(self, p, grad, group, state):
+        xp = backend.get_array_module(p.data)
+        b1, b2 = group["betas"]
+        if group["weight_decay"]:
+            grad = grad + group["weight_decay"] * p.data
+        if "m" not in state:
+            state["m"], state["v"], state["t"] = xp.zeros_like(p.data), xp.zeros_like(p.data), np.asarray(0)
+        state["t"] = np.asarray(int(state["t"]) + 1)
+        t = int(state["t"])
+        state["m"] *= b1
+        state["m"] += (1 - b1) * grad
+        state["v"] *= b2
+        state["v"] += (1 - b2) * grad * grad
+        m_hat = state["m"] / (1 - b1 ** t)
+        v_hat = state["v"] / (1 - b2 ** t)
+        p.data -= (group["lr"] * m_hat / (xp.sqrt(v_hat) + group["eps"])).astype(p.dtype, copy=False)
+
+
+def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9) -> float:
+    """The poly schedule: lr = base_lr * (1 - iteration / max_iter) ^ power."""
+    if max_iter <= 0:
+        raise ValueError(f"max_iter must be positive, got {max_iter}")
+    return base_lr * (1.0 - min(iteration, max_iter) / max_iter) ** power
+
+
+class PolyLR:
+    """Sets every group's lr to poly_lr(group's initial lr, iteration, max_iter) at each step."""
+
+    def __init__(self, optimizer: Optimizer, max_iter: int, power: float = 0.9) -> None:
+        self.optimizer, self.max_iter, self.power = optimizer, max_iter, power
+
+    def step(self, iteration: Optional[int] = None) -> None:
+        iteration = self.optimizer.steps if iteration is None else iteration
+        for group in self.optimizer.param_groups:
+            group["lr"] = poly_lr(group["initial_lr"], iteration, self.max_iter, self.power)
+
+
+def encoder_decoder_groups(model, lr: float, encoder_lr: Optional[float] = None, weight_decay: float = 0.0):
+    """Two parameter groups: ``model.encoder`` at ``encoder_lr`` (default lr/10), the rest at ``lr``."""
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    encoder = [p for p in model.parameters() if id(p) in encoder_ids]
+    decoder = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr / 10, "weight_decay": weight_decay},
+            {"params": decoder, "lr": lr, "weight_decay": weight_decay}]

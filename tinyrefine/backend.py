@@ -90,3 +90,11 @@ def launch(kernel, n: int, args: tuple, block: int = 256) -> None:
     if n == 0:
         return
     kernel(((n + block - 1) // block,), (block,), args)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CuPy's out-of-memory errors (so callers can give advice without importing cupy)."""
+    if _cupy is None:
+        return False
+    oom_types = tuple(t for t in (getattr(_cupy.cuda.memory, "OutOfMemoryError", None),) if t is not None)
+    return isinstance(error, oom_types) or "out of memory" in str(error).lower() and "cuda" in type(error).__module__

@@ -234,6 +234,7 @@ class Function:
     Subclasses implement ``forward(*arrays) -> array`` (saving on ``self`` what
     backward needs) and ``backward(grad_output) -> one gradient per input``
     (``None`` for inputs with no gradient, such as integer targets).
+    ``self.needs_input_grad`` (one bool per input) is set before ``forward`` runs.
     """
 
     def __call__(self, *inputs: Any) -> Tensor:
@@ -250,6 +251,8 @@ class Function:
         if len(devices) > 1:
             names = ", ".join(f"input {i}: {t.device} {t.shape}" for i, t in enumerate(tensors) if t is not None)
             raise ValueError(f"{type(self).__name__} got inputs on different devices ({names}); move them with .to(device)")
+        # which inputs will want a gradient: forward can skip saving what backward won't use
+        self.needs_input_grad = tuple(_grad_enabled and t is not None and t.requires_grad for t in tensors)
         output = self.forward(*arrays)
         result = Tensor(output)
         if _grad_enabled and any(t is not None and t.requires_grad for t in tensors):

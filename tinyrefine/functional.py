@@ -7,6 +7,8 @@ formula and the same tie rules.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -16,6 +18,27 @@ from .backend import get_array_module
 from .engine import Add, Function, Tensor, as_tensor
 
 IntPair = Union[int, Tuple[int, int]]
+
+
+_plane_pool = None
+
+
+def over_planes(n_planes: int, work, chunks_per_core: int = 4) -> None:
+    """Run ``work(a, b)`` over plane ranges covering [0, n_planes), on all cores.
+
+    NumPy runs an elementwise loop on one core (torch uses them all); numpy's loops
+    release the GIL, so threads over disjoint planes scale, and smaller chunks stay in cache.
+    """
+    global _plane_pool
+    cores = os.cpu_count() or 1
+    if cores == 1 or n_planes < 2:
+        work(0, n_planes)
+        return
+    if _plane_pool is None:
+        _plane_pool = ThreadPoolExecutor(cores, thread_name_prefix="tinyrefine")
+    bounds = np.linspace(0, n_planes, min(n_planes, cores * chunks_per_core) + 1).astype(int)
+    for future in [_plane_pool.submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+        future.result()  # re-raises a worker's exception here
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
@@ -68,16 +91,19 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
     xp = get_array_module(x)
     if xp is not np:
         return _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo)
+    xpad = x
     if ph or pw:
         xpad = scratch("im2col.xpad", (N, C, H + 2 * ph, W + 2 * pw), x.dtype)
-        xpad.fill(0)
+        xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[..., :pw], xpad[..., W + pw:] = 0, 0, 0, 0
         xpad[:, :, ph:ph + H, pw:pw + W] = x
-    else:
-        xpad = x
     cols = np.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype) if out is None else out
-    for p in range(kh):
-        for q in range(kw):
-            cols[:, :, p, q] = xpad[:, :, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    src, dst = xpad.reshape(N * C, *xpad.shape[2:]), cols.reshape(N * C, kh, kw, Ho, Wo)
+
+    def copy_offsets(a: int, b: int) -> None:  # planes a..b
+        for p in range(kh):
+            for q in range(kw):
+                dst[a:b, p, q] = src[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    over_planes(N * C, copy_offsets)
     return cols
 
 
@@ -119,12 +145,18 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation):
     xp = get_array_module(cols)
     if xp is not np:
         return _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation)
-    dxpad = scratch("col2im.dxpad", (N, C, H + 2 * ph, W + 2 * pw), cols.dtype)
-    dxpad.fill(0)
-    for p in range(kh):
-        for q in range(kw):
-            dxpad[:, :, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += cols[:, :, p, q]
-    return dxpad[:, :, ph:ph + H, pw:pw + W].copy()  # out of the scratch buffer
+    dxpad = scratch("col2im.dxpad", (N * C, H + 2 * ph, W + 2 * pw), cols.dtype)
+    src = cols.reshape(N * C, kh, kw, Ho, Wo)
+    dx = np.empty((N * C, H, W), dtype=cols.dtype)
+
+    def add_offsets(a: int, b: int) -> None:  # planes a..b
+        dxpad[a:b] = 0
+        for p in range(kh):
+            for q in range(kw):
+                dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += src[a:b, p, q]
+        dx[a:b] = dxpad[a:b, ph:ph + H, pw:pw + W]
+    over_planes(N * C, add_offsets)
+    return dx.reshape(x_shape)
 
 
 _COL2IM_CUDA = r"""
@@ -169,7 +201,7 @@ class Conv2d(Function):
     """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
 
     As one GEMM per image: y[n] = W (O, C*kh*kw) @ cols[n] (C*kh*kw, Ho*Wo).
-    Backward: dW = sum_n gy[n] @ cols[n]^T, dcols = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
+    Backward: dW = sum_n gy[n] @ cols[n]^T, dcols[n] = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
     Forward saves x and W, not cols: recomputing cols in backward costs one copy,
     keeping them would cost kh*kw times the input's memory per layer.
     """
@@ -192,32 +224,44 @@ class Conv2d(Function):
     def forward(self, x, w, b=None):
         self.x, self.w, self.w_shape, self.has_bias = x, w, w.shape, b is not None
         self.out_hw = x.shape[2:]
+        xp = get_array_module(x)
         cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
-        y = w.reshape(w.shape[0], -1) @ cols                            # (N, O, Ho*Wo)
+        w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
+        y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
+        for n in range(x.shape[0]):  # one GEMM per image (faster than numpy's broadcast matmul)
+            xp.matmul(w2, cols[n], out=y[n])
         if b is not None:
             y += b.reshape(1, -1, 1)
         return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
 
     def backward(self, gy):
         x, w = self.x, self.w
+        xp = get_array_module(gy)
         N, O = gy.shape[:2]
         gy2 = gy.reshape(N, O, -1)                                      # (N, O, Ho*Wo)
-        cols = self._cols(x)
-        gw = (gy2 @ cols.swapaxes(1, 2)).sum(axis=0).reshape(w.shape)   # sum_n gy[n] @ cols[n]^T
-        del cols  # free before the column gradient of the same size is made
-        kernel = w.shape[2:]
-        w_t = w.reshape(O, -1).T
-        if kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
-            gx = (w_t @ gy2).reshape(x.shape)
+        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
+        gw = None
+        if self.needs_input_grad[1]:
+            cols = self._cols(x)
+            gw = gy2[0] @ cols[0].T                                     # sum_n gy[n] @ cols[n]^T
+            for n in range(1, N):
+                gw += gy2[n] @ cols[n].T
+            gw = gw.reshape(w.shape)
+            del cols  # on CUDA: free before the column gradient of the same size is made
+        if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image
+            return (None, gw, gb) if self.has_bias else (None, gw)
+        kernel, w_t = w.shape[2:], w.reshape(O, -1).T                   # (C*kh*kw, O)
+        one_by_one = kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        shape = (N, w_t.shape[0], gy2.shape[2])
+        gcols = xp.empty(shape, dtype=gy.dtype) if (one_by_one or xp is not np) else scratch("conv.gcols", shape, gy.dtype)
+        for n in range(N):
+            xp.matmul(w_t, gy2[n], out=gcols[n])                        # dcols = W^T @ gy[n]
+        if one_by_one:
+            gx = gcols.reshape(x.shape)
         else:
-            xp = get_array_module(gy)
-            gcols = xp.matmul(w_t, gy2, out=scratch("conv.gcols", (N, w_t.shape[0], gy2.shape[2]), gy.dtype)) \
-                if xp is np else w_t @ gy2                              # (N, C*kh*kw, Ho*Wo)
             gcols = gcols.reshape(N, x.shape[1], kernel[0], kernel[1], *gy.shape[2:])
             gx = col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
-        if self.has_bias:
-            return gx, gw, gy.sum(axis=(0, 2, 3))
-        return gx, gw
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -261,20 +305,21 @@ class MaxPool2d(Function):
         self.padding = _pair(padding, "padding", 0)
 
     @staticmethod
-    def _max_along(x, axis: int, k: int, s: int, n_out: int):
-        """Running max over k taps along ``axis`` (stride s): returns (max, first arg offset)."""
+    def _max_along(x, axis: int, k: int, s: int, best, arg) -> None:
+        """Running max over k taps along ``axis`` (stride s) into ``best``, first arg offset into ``arg``."""
+        n_out = best.shape[axis]
+
         def tap(t):
             index = [slice(None)] * x.ndim
             index[axis] = slice(t, t + s * (n_out - 1) + 1, s)
             return x[tuple(index)]
-        best = tap(0).copy()
-        arg = np.zeros(best.shape, dtype=np.uint8)
+        np.copyto(best, tap(0))
+        arg.fill(0)
         for t in range(1, k):
             v = tap(t)
             better = v > best                 # strict: an equal value keeps the earlier offset
             np.copyto(best, v, where=better)
             np.copyto(arg, t, where=better)
-        return best, arg
 
     @staticmethod
     def _scatter_along(g, arg, axis: int, k: int, s: int, size: int):
@@ -294,23 +339,36 @@ class MaxPool2d(Function):
         N, C, H, W = x.shape
         Ho, Wo = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
         self.x_shape = x.shape
-        xp = get_array_module(x)
-        if xp is not np:
+        if get_array_module(x) is not np:
             return self._forward_cuda(x, Ho, Wo)
-        xpad = np.full((N, C, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
-        xpad[:, :, ph:ph + H, pw:pw + W] = x
-        rows, self.arg_w = self._max_along(xpad, 3, kw, sw, Wo)        # (N, C, H+2ph, Wo)
-        y, self.arg_h = self._max_along(rows, 2, kh, sh, Ho)           # (N, C, Ho, Wo)
-        return y
+        planes = x.reshape(N * C, H, W)
+        y = np.empty((N * C, Ho, Wo), dtype=x.dtype)
+        self.arg_w = np.empty((N * C, H + 2 * ph, Wo), dtype=np.uint8)   # column offset of each row max
+        self.arg_h = np.empty((N * C, Ho, Wo), dtype=np.uint8)           # row offset of each window max
+
+        def pool(a: int, b: int) -> None:  # planes a..b
+            xpad = np.full((b - a, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
+            xpad[:, ph:ph + H, pw:pw + W] = planes[a:b]
+            rows = np.empty((b - a, H + 2 * ph, Wo), dtype=x.dtype)
+            self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b])      # max along W
+            self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b])    # then along H
+        over_planes(N * C, pool)
+        return y.reshape(N, C, Ho, Wo)
 
     def backward(self, gy):
         if get_array_module(gy) is not np:
             return self._backward_cuda(gy)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         N, C, H, W = self.x_shape
-        g_rows = self._scatter_along(gy, self.arg_h, 2, kh, sh, H + 2 * ph)      # (N, C, H+2ph, Wo)
-        g_pad = self._scatter_along(g_rows, self.arg_w, 3, kw, sw, W + 2 * pw)   # (N, C, H+2ph, W+2pw)
-        return np.ascontiguousarray(g_pad[:, :, ph:ph + H, pw:pw + W]) if (ph or pw) else g_pad
+        g_planes = gy.reshape(N * C, *gy.shape[2:])
+        gx = np.empty((N * C, H, W), dtype=gy.dtype)
+
+        def unpool(a: int, b: int) -> None:
+            g_rows = self._scatter_along(g_planes[a:b], self.arg_h[a:b], 1, kh, sh, H + 2 * ph)  # (P, H+2ph, Wo)
+            g_pad = self._scatter_along(g_rows, self.arg_w[a:b], 2, kw, sw, W + 2 * pw)         # (P, H+2ph, W+2pw)
+            gx[a:b] = g_pad[:, ph:ph + H, pw:pw + W]
+        over_planes(N * C, unpool)
+        return gx.reshape(self.x_shape)
 
     # ---- CUDA twin: one thread per output scans its window in row-major order (same tie rule);
     # backward gathers, per input element, the outputs whose argmax is that element (no atomics).
@@ -584,7 +642,11 @@ class BatchNorm(Function):
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
         xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-        self.xhat, self.inv_std, self.weight, self.has_affine = xhat, inv_std, weight, weight is not None
+        self.inv_std, self.weight, self.has_affine = inv_std, weight, weight is not None
+        # xhat is needed by backward in training, and for the weight's gradient; a frozen
+        # BN in eval mode needs neither, and skipping it saves one activation per layer
+        affine_grad = self.has_affine and any(self.needs_input_grad[1:])
+        self.xhat = xhat if (self.training or affine_grad) else None
         y = xhat if weight is None else xhat * weight.reshape(shape)
         if bias is not None:
             y = y + bias.reshape(shape)
@@ -604,9 +666,9 @@ class BatchNorm(Function):
             gx = gy * scale.reshape(shape)
         if not self.has_affine:
             return (gx,)
-        gw = (gy * xhat).sum(axis=(0, 2, 3))
-        gb = gy.sum(axis=(0, 2, 3))
-        return gx, gw, gb
+        if xhat is None:  # the affine parameters are frozen
+            return gx, None, None
+        return gx, (gy * xhat).sum(axis=(0, 2, 3)), gy.sum(axis=(0, 2, 3))
 
 
 def batch_norm(x: Tensor, running_mean, running_var, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

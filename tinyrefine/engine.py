@@ -58,6 +58,8 @@ class Tensor:
     def __init__(self, data: Any, requires_grad: bool = False, dtype=None) -> None:
         if isinstance(data, Tensor):
             data = data.data
+        if isinstance(data, np.generic):  # a NumPy scalar (a full reduction like x.sum()) keeps its dtype
+            data = np.asarray(data)
         if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
             data = np.asarray(data, dtype=dtype if dtype is not None else None)
             if data.dtype == np.float64 and dtype is None:
@@ -124,7 +126,8 @@ class Tensor:
     def retain_grad(self) -> None:
         """Keep ``.grad`` on a non-leaf tensor too (leaves always keep theirs)."""
         if self.creator is not None:
-            self.register_hook(lambda g: setattr(self, "grad", g))
+            # a raw array like a leaf's .grad (hooks receive a Tensor), accumulated like a leaf's
+            self.register_hook(lambda g: setattr(self, "grad", g.data.copy() if self.grad is None else self.grad + g.data))
 
     # ----- backward
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:

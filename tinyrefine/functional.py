@@ -42,7 +42,8 @@ def over_planes(n_planes: int, work, chunks_per_core: int = 4) -> None:
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    pair = (value, value) if isinstance(value, (int, np.integer)) else \
+        tuple(value) if isinstance(value, (tuple, list)) else (value,)  # (value,): a float fails below, clearly
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
@@ -687,7 +688,7 @@ def batch_norm(x: Tensor, running_mean, running_var, weight: Optional[Tensor] = 
     op = BatchNorm(rm, rv, training, momentum, eps)
     if weight is None:
         return op(x) if bias is None else op(x) + as_tensor(bias).reshape(1, C, 1, 1)
-    return op(x, weight, bias if bias is not None else Tensor(np.zeros(C, dtype=x.dtype)))
+    return op(x, weight, bias if bias is not None else Tensor(get_array_module(x.data).zeros(C, dtype=x.dtype)))
 
 
 # =========================================================================== softmax and the loss
@@ -759,8 +760,8 @@ class CrossEntropy(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         grad = xp.exp(self.log_p)                                               # softmax
-        index = self.safe_target[:, None]
-        xp.put_along_axis(grad, index, xp.take_along_axis(grad, index, axis=1) - 1, axis=1)
+        classes = xp.arange(grad.shape[1]).reshape((1, -1) + (1,) * (grad.ndim - 2))
+        grad -= classes == self.safe_target[:, None]                            # minus one-hot(target)
         if self.reduction == "none":
             scale = (gy * self.valid)[:, None]
         else:

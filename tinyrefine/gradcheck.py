@@ -35,6 +35,8 @@ def _finite_difference_pairs(fn, inputs, eps, params, seed, n_samples) -> Iterat
     # analytic gradients for one random upstream gradient
     for _, t in named:
         t.grad = None
+        if not t.data.flags.c_contiguous:  # reshape(-1) below must be a view for the nudges to reach t
+            t.data = backend.get_array_module(t.data).ascontiguousarray(t.data)
     y = fn(*inputs)
     xp = backend.get_array_module(y.data)
     upstream = xp.asarray(rng.standard_normal(y.shape))

@@ -135,7 +135,14 @@ class RefineNet(Module):
         if cascade not in (1, 2, 4):
             raise ValueError(f"cascade must be 1, 2 or 4, got {cascade}")
         rng = np.random.default_rng(seed)
+        # the constructor arguments, so a twin or a checkpoint can rebuild the same network
+        self.config = dict(num_classes=num_classes, encoder=encoder, n_crp=n_crp, cascade=cascade, freeze_bn=freeze_bn,
+                           improved_crp=improved_crp, features=features, encoder_width=encoder_width,
+                           shortcuts=shortcuts, long_range=long_range, crp_relu=crp_relu, seed=seed)
         self.num_classes, self.cascade, self.long_range = num_classes, cascade, long_range
+        # optional: called as feature_hook([c1, c2, c3, c4]) on the encoder outputs in forward
+        # (gradient-flow analysis registers Tensor hooks there); a returned list replaces them
+        self.feature_hook = None
         self.encoder = ResNet(ENCODERS[encoder], freeze_bn=freeze_bn, width=encoder_width, rng=rng)
         c1, c2, c3, c4 = self.encoder.out_channels
         f, f2 = features, 2 * features
@@ -180,160 +187,13 @@ class RefineNet(Module):
         return self.head(x)                     # (N, classes, H/4, W/4)
 
     def forward(self, x: Tensor) -> Tensor:
-        branch = self.conv2(F.relu(self.conv1(F.relu(x))))
-        return F.add(x, branch) if self.shortcut else branch
-
-
-class MultiResolutionFusion(Module):
-    """Fuse paths of different resolutions: conv3x3 each to ``out_channels``, upsample
-    (bilinear, align_corners=True) to the largest input resolution, and sum. One path: passes through."""
-
-    def __init__(self, in_channels: Sequence[int], out_channels: int, rng: Optional[np.random.Generator] = None) -> None:
-        self.in_channels, self.out_channels = list(in_channels), out_channels
-        if len(self.in_channels) > 1:
-            self.convs = ModuleList([Conv2d(c, out_channels, 3, 1, 1, bias=False, rng=rng) for c in self.in_channels])
-
-    def forward(self, xs: Sequence[Tensor]) -> Tensor:
-        if len(xs) != len(self.in_channels):
-            raise ValueError(f"MultiResolutionFusion expects {len(self.in_channels)} paths, got {len(xs)}")
-        if len(xs) == 1:
-            return xs[0]
-        size = max((x.shape[2:] for x in xs), key=lambda hw: hw[0] * hw[1])
-        out = None
-        for conv, x in zip(self.convs, xs):
-            y = conv(x)
-            if y.shape[2:] != size:
-                y = F.interpolate(y, size=size, align_corners=True)
-            out = y if out is None else F.add(out, y)
-        return out
-
-
-class ChainedResidualPooling(Module):
-    """CRP: x = relu(x); path = x; for each block: path = conv(pool(path)); x = x + path.
-
-    The pools (5x5, stride 1, -inf padding) chain, so later blocks see ever larger
-    regions; each result is added onto x (a residual sum, not a replacement).
-    ``improved=True`` convolves before pooling, as the official training code does.
-    """
-
-    def __init__(self, channels: int, n_blocks: int = 4, improved: bool = False, shortcut: bool = True,
-                 leading_relu: bool = True, rng: Optional[np.random.Generator] = None) -> None:
-        self.convs = ModuleList([Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng) for _ in range(n_blocks)])
-        self.improved, self.shortcut, self.leading_relu = improved, shortcut, leading_relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.leading_relu:
-            x = F.relu(x)
-        out, path = x, x
-        for conv in self.convs:
-            path = F.max_pool2d(conv(path), 5, 1, 2) if self.improved else conv(F.max_pool2d(path, 5, 1, 2))
-            out = F.add(out, path) if self.shortcut or out is not x else path
-        return out
-
-
-class RefineNetBlock(Module):
-    """One RefineNet: per input path two RCUs, then fusion, CRP and one output RCU.
-
-    Path 0 is the coarser input (from the previous block), path 1.. the encoder features."""
-
-    def __init__(self, in_channels: Sequence[int], out_channels: int, n_crp: int = 4, improved_crp: bool = False,
-                 shortcuts: bool = True, crp_relu: bool = True, rng: Optional[np.random.Generator] = None) -> None:
-        self.rcus = ModuleList([Sequential(ResidualConvUnit(c, shortcuts, rng), ResidualConvUnit(c, shortcuts, rng))
-                                for c in in_channels])
-        self.fusion = MultiResolutionFusion(in_channels, out_channels, rng)
-        self.crp = ChainedResidualPooling(out_channels, n_crp, improved_crp, shortcuts, crp_relu, rng)
-        self.out_rcu = ResidualConvUnit(out_channels, shortcuts, rng)
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        paths = [rcus(x) for rcus, x in zip(self.rcus, xs)]
-        return self.out_rcu(self.crp(self.fusion(paths)))
-
-
-class Head(Module):
-    """Two RCUs and a 1x1 classifier at 1/4 resolution."""
-
-    def __init__(self, channels: int, num_classes: int, shortcuts: bool = True,
-                 rng: Optional[np.random.Generator] = None) -> None:
-        self.rcus = Sequential(ResidualConvUnit(channels, shortcuts, rng), ResidualConvUnit(channels, shortcuts, rng))
-        self.classifier = Conv2d(channels, num_classes, 1, bias=True, rng=rng)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.rcus(x))
-
-
-ENCODERS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
-
-
-class RefineNet(Module):
-    """The cascaded RefineNet for semantic segmentation.
-
-    cascade=4 (the paper's default, Fig. 2c):  refine4(adapt4) -> refine3(., adapt3) -> refine2 -> refine1
-    cascade=2:  refine2(adapt4, adapt3) -> refine1(., adapt2, adapt1)       (the paper's 2-cascaded variant)
-    cascade=1:  refine1(adapt4, adapt3, adapt2, adapt1)                     (a single RefineNet block)
-    ``features`` is the decoder width (256 in the paper; refine4 works at 2x that).
-    """
-
-    def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
-                 freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
-                 shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, seed: int = 0) -> None:
-        if encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
-        if cascade not in (1, 2, 4):
-            raise ValueError(f"cascade must be 1, 2 or 4, got {cascade}")
-        rng = np.random.default_rng(seed)
-        self.num_classes, self.cascade, self.long_range = num_classes, cascade, long_range
-        self.encoder = ResNet(ENCODERS[encoder], freeze_bn=freeze_bn, width=encoder_width, rng=rng)
-        c1, c2, c3, c4 = self.encoder.out_channels
-        f, f2 = features, 2 * features
-        # adapt convs: encoder channels -> decoder width (layer4 -> 2f, layer1-3 -> f)
-        self.adapt1 = Conv2d(c1, f, 3, 1, 1, bias=False, rng=rng)
-        self.adapt2 = Conv2d(c2, f, 3, 1, 1, bias=False, rng=rng)
-        self.adapt3 = Conv2d(c3, f, 3, 1, 1, bias=False, rng=rng)
-        self.adapt4 = Conv2d(c4, f2, 3, 1, 1, bias=False, rng=rng)
-        block = dict(n_crp=n_crp, improved_crp=improved_crp, shortcuts=shortcuts, crp_relu=crp_relu, rng=rng)
-        if cascade == 4:
-            self.refine4 = RefineNetBlock([f2], f2, **block)                      # 1/32
-            self.refine3 = RefineNetBlock([f2, f], f, **block)                    # 1/16
-            self.refine2 = RefineNetBlock([f, f], f, **block)                     # 1/8
-            self.refine1 = RefineNetBlock([f, f], f, **block)                     # 1/4
-        elif cascade == 2:
-            self.refine2 = RefineNetBlock([f2, f], f, **block)                    # 1/16
-            self.refine1 = RefineNetBlock([f, f, f], f, **block)                  # 1/4
-        else:
-            self.refine1 = RefineNetBlock([f2, f, f, f], f, **block)              # 1/4
-        self.head = Head(f, num_classes, shortcuts, rng)
-        if freeze_bn:
-            self.encoder.freeze_bn()
-
-    def decode(self, features: List[Tensor]) -> Tensor:
-        """Encoder features [c1..c4] -> logits at 1/4 resolution."""
-        a1, a2, a3, a4 = self.adapt1(features[0]), self.adapt2(features[1]), self.adapt3(features[2]), self.adapt4(features[3])
-        if not self.long_range:  # ablation: the encoder reaches the decoder only through layer4
-            a1, a2, a3 = (None, None, None)
-        if self.cascade == 4:
-            x = self.refine4(a4)                                  # (N, 512, H/32, W/32)
-            x = self._refine(self.refine3, x, a3)                 # (N, 256, H/16, W/16)
-            x = self._refine(self.refine2, x, a2)                 # (N, 256, H/8,  W/8)
-            x = self._refine(self.refine1, x, a1)                 # (N, 256, H/4,  W/4)
-        elif self.cascade == 2:
-            x = self._refine(self.refine2, a4, a3)
-            x = self._refine(self.refine1, x, a2, a1)
-        else:
-            x = self._refine(self.refine1, a4, a3, a2, a1)
-        return self.head(x)
-
-    @staticmethod
-    def _refine(block: RefineNetBlock, coarse: Tensor, *fine: Optional[Tensor]) -> Tensor:
-        if any(f is None for f in fine):  # long-range connections removed: zeros at the fine resolution
-            size = next((f.shape[2:] for f in fine if f is not None), None)
-            fine = tuple(f if f is not None else _zeros_like_path(coarse, block, i + 1, size) for i, f in enumerate(fine))
-        return block(coarse, *fine)
-
-    def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"RefineNet expects images of shape (N, 3, H, W), got {x.shape}")
         if min(x.shape[2:]) < 32:
             raise ValueError(f"RefineNet needs images of at least 32x32 (the encoder divides by 32), got {x.shape}")
-        logits = self.decode(self.encoder(x))                     # (N, classes, H/4, W/4)
+        features = self.encoder(x)                                # [c1, c2, c3, c4]
+        if self.feature_hook is not None:
+            features = self.feature_hook(features) or features
+        logits = self.decode(features)                            # (N, classes, H/4, W/4)
         return F.interpolate(logits, size=x.shape[2:], align_corners=False)
 

@@ -1,0 +1,127 @@
+"""The command line: ``python -m tinyrefine {train,evaluate,predict,demo}`` (also ``tinyrefine ...``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .train import TrainConfig, TrainingDiverged
+
+DEMO = dict(data="shapes", encoder="resnet18", encoder_width=16, features=32, n_crp=2, crop=64, batch_size=8,
+            iters=300, optimizer="adam", lr=2e-3, encoder_lr=2e-3, weight_decay=0.0, freeze_bn=False,
+            checkpoint_every=100, out="runs/demo")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
+    d = {**dataclasses.asdict(TrainConfig()), **defaults}
+    p.add_argument("--data", default=d["data"], help="shapes | voc:PATH | camvid:PATH (default: %(default)s)")
+    p.add_argument("--subset", type=int, default=d["subset"], help="use the first N training images")
+    p.add_argument("--encoder", default=d["encoder"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    p.add_argument("--encoder-width", type=int, default=d["encoder_width"], help="ResNet base width (64 in the paper)")
+    p.add_argument("--features", type=int, default=d["features"], help="decoder width (256 in the paper)")
+    p.add_argument("--n-crp", type=int, default=d["n_crp"], help="blocks in chained residual pooling")
+    p.add_argument("--cascade", type=int, default=d["cascade"], choices=[1, 2, 4])
+    p.add_argument("--improved-crp", action="store_true", default=d["improved_crp"])
+    p.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=d["freeze_bn"],
+                   help="train BatchNorm statistics (frozen by default, as in the paper)")
+    p.add_argument("--crop", type=int, default=d["crop"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--iters", type=int, default=d["iters"])
+    p.add_argument("--epochs", type=int, default=None, help="train this many epochs (overrides --iters)")
+    p.add_argument("--optimizer", default=d["optimizer"], choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=d["lr"], help="decoder learning rate")
+    p.add_argument("--encoder-lr", type=float, default=d["encoder_lr"], help="default: lr / 10")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--device", default=d["device"], choices=["cpu", "cuda"])
+    p.add_argument("--out", default=d["out"], help="run folder (checkpoint, logs, plots)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    p.add_argument("--eval-size", type=int, default=d["eval_size"], help="shorter side for evaluation (speed)")
+    p.add_argument("--pretrained", default=d["pretrained"], help="torchvision ResNet .pth for the encoder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.epochs:
+        from .train import build_datasets
+        train_set, _, _ = build_datasets(config)
+        config.iters = max(1, args.epochs * (len(train_set) // config.batch_size))
+    return config
+
+
+def _scales(text: str) -> List[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales must be comma-separated numbers, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyrefine", description="RefineNet from scratch on NumPy/CuPy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(sub.add_parser("train", help="train a RefineNet"), {})
+    _add_train_arguments(sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (a few minutes on a CPU)"), DEMO)
+    for name in ("evaluate", "predict"):
+        p = sub.add_parser(name, help="mIoU on a validation split" if name == "evaluate" else "segment image files")
+        p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by train")
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        p.add_argument("--scales", type=_scales, default=[1.0], help="e.g. 0.75,1,1.25 (averaged, as in the paper)")
+        p.add_argument("--flip", action="store_true", help="also average over horizontal flips")
+        if name == "evaluate":
+            p.add_argument("--data", default=None, help="shapes | voc:PATH | camvid:PATH (default: the training data)")
+            p.add_argument("--eval-size", type=int, default=None)
+        else:
+            p.add_argument("images", nargs="+", help="image files")
+            p.add_argument("--out", default="predictions")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, TrainingDiverged, MemoryError, RuntimeError, KeyError) as error:
+        print(f"tinyrefine {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import train as T
+    if args.command in ("train", "demo"):
+        config = _config(args)
+        start = time.perf_counter()
+        result = T.train(config, resume=args.resume, progress=not args.quiet)
+        val = result["val"]
+        print(f"trained {result['iteration']} iterations in {time.perf_counter() - start:.0f} s; "
+              f"final loss {result['history']['loss'][-1]:.4f}")
+        print(f"val mIoU {val['mean_iou']:.4f}, pixel accuracy {val['pixel_acc']:.4f}")
+        print(f"checkpoint: {result['checkpoint']}\nlogs and curves: {config.out}/log.csv, history.json, curves.png")
+        if args.command == "demo":
+            _, val_set, _ = T.build_datasets(config)
+            paths = T.save_val_predictions(config, val_set, n=4)
+            print("predictions: " + ", ".join(paths))
+        return 0
+    model, meta = T.load_model(args.checkpoint, args.device)
+    if args.command == "evaluate":
+        config = T.TrainConfig(**{**meta["config"], "pretrained": None})
+        if args.data:
+            config.data = args.data
+        _, val_set, num_classes = T.build_datasets(config)
+        metrics = T.evaluate(model, val_set, num_classes, args.scales, args.flip, args.device,
+                             eval_size=args.eval_size, progress=True)
+        print(json.dumps(metrics, indent=1))
+        print(f"mIoU {metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  "
+              f"(scales {args.scales}{', flip' if args.flip else ''})")
+        return 0
+    for image in args.images:
+        paths = T.predict_file(model, image, args.out, args.scales, args.flip, args.device)
+        print(f"{image}: {paths['mask']}, {paths['overlay']}")
+    return 0

@@ -1,0 +1,337 @@
+"""Training, evaluation and prediction: what the CLI and the notebooks call.
+
+Reproducible by construction: the only randomness is the loader's shuffle and the
+per-sample augmentation, both derived from (seed, epoch, index). A checkpoint
+stores the weights, the optimizer state and the loader position, so a resumed
+run on the CPU continues bit-exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .data import (CamVid, DataLoader, Shapes, VOCSegmentation, colorize, eval_transform, train_transform)
+from .engine import Tensor, no_grad
+from .io import atomic_write_bytes, load_npz, load_npz_meta, load_torch_checkpoint, save_npz
+from .metrics import RunningConfusion
+from .models import RefineNet
+from .optim import SGD, Adam, PolyLR, encoder_decoder_groups
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in every checkpoint)."""
+    data: str = "shapes"                 # shapes | voc:PATH | camvid:PATH
+    subset: Optional[int] = None         # first N training ids (for a full VOC download)
+    encoder: str = "resnet18"
+    encoder_width: int = 64
+    features: int = 256
+    n_crp: int = 4
+    cascade: int = 4
+    improved_crp: bool = False
+    freeze_bn: bool = True
+    crop: int = 256
+    batch_size: int = 2
+    iters: int = 1000
+    optimizer: str = "sgd"               # sgd | adam
+    lr: float = 5e-3                     # decoder learning rate
+    encoder_lr: Optional[float] = None   # default lr / 10 (the paper trains the encoder slower)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    device: str = "cpu"
+    out: str = "runs/train"
+    seed: int = 0
+    eval_every: int = 0                  # 0: only at the end
+    checkpoint_every: int = 100
+    eval_size: Optional[int] = None      # resize the shorter side for evaluation (speed on a CPU)
+    pretrained: Optional[str] = None     # torchvision ResNet .pth for the encoder
+
+
+# --------------------------------------------------------------------------- data
+def build_datasets(config: TrainConfig):
+    """(train set, val set, number of classes) from ``config.data``."""
+    kind, _, path = config.data.partition(":")
+    if kind == "shapes":
+        train, val = Shapes("train", seed=config.seed), Shapes("val", seed=config.seed)
+    elif kind == "voc":
+        train = VOCSegmentation(path, "train", subset=config.subset)
+        val = VOCSegmentation(path, "val")
+    elif kind == "camvid":
+        train, val = CamVid(path, "train", subset=config.subset), CamVid(path, "val")
+    else:
+        raise ValueError(f"--data must be shapes, voc:PATH or camvid:PATH, got {config.data!r}")
+    return train, val, train.num_classes
+
+
+def build_model(config: TrainConfig, num_classes: int) -> RefineNet:
+    model = RefineNet(num_classes, config.encoder, n_crp=config.n_crp, cascade=config.cascade,
+                      freeze_bn=config.freeze_bn, improved_crp=config.improved_crp, features=config.features,
+                      encoder_width=config.encoder_width, seed=config.seed)
+    if config.pretrained:
+        weights = load_torch_checkpoint(config.pretrained)
+        encoder_weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+        model.encoder.load_state_dict(encoder_weights, strict=True)
+    return model.to(config.device)
+
+
+def build_optimizer(config: TrainConfig, model: RefineNet):
+    groups = encoder_decoder_groups(model, config.lr, config.encoder_lr, config.weight_decay)
+    if config.optimizer == "sgd":
+        return SGD(groups, lr=config.lr, momentum=config.momentum)
+    if config.optimizer == "adam":
+        return Adam(groups, lr=config.lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model, optimizer, meta: Dict[str, Any]) -> None:
+    """Weights, optimizer state and run position in one .npz, written atomically."""
+    arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"optim.{k}": v for k, v in optimizer.state_dict().items()})
+    save_npz(path, arrays, meta=meta)
+
+
+def load_checkpoint(path: Path):
+    """(model state, optimizer state, meta) from a checkpoint written by save_checkpoint."""
+    arrays, meta = load_npz(path), load_npz_meta(path)
+    model_state = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    optim_state = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
+    return model_state, optim_state, meta
+
+
+def load_model(path: str, device: str = "cpu") -> Tuple[RefineNet, Dict[str, Any]]:
+    """A model ready for inference from a checkpoint (weights-only .npz files work too, with their meta)."""
+    model_state, _, meta = load_checkpoint(Path(path))
+    if "config" not in meta:
+        raise ValueError(f"{path}: no model config in its metadata; was it written by tinyrefine?")
+    config = TrainConfig(**{**meta["config"], "pretrained": None, "device": device})
+    model = build_model(config, meta["num_classes"])
+    model.load_state_dict(model_state)
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- the loop
+def train(config: TrainConfig, resume: bool = False, progress: bool = True,
+          stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Train, evaluate at the end, and return a summary (paths, final loss, mIoU).
+
+    ``stop_after`` ends the run early after that many iterations *of this call*
+    (used to test interruption and resume)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.check_device(config.device)
+    train_set, val_set, num_classes = build_datasets(config)
+    model = build_model(config, num_classes)
+    optimizer = build_optimizer(config, model)
+    schedule = PolyLR(optimizer, config.iters, config.poly_power)
+    loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+                        transform=train_transform(config.crop), device=config.device)
+    checkpoint = out / "checkpoint.npz"
+    history: Dict[str, List] = {"iteration": [], "loss": [], "lr": [], "seconds": [], "val_iteration": [], "val_miou": []}
+    start, epoch, batch_index = 0, 0, 0
+    if resume:
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        model_state, optim_state, meta = load_checkpoint(checkpoint)
+        _check_same_run(meta["config"], config)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        start, epoch, batch_index, history = meta["iteration"], meta["epoch"], meta["batch_index"], meta["history"]
+
+    def meta(iteration: int) -> Dict[str, Any]:
+        return {"config": dataclasses.asdict(config), "num_classes": num_classes, "iteration": iteration,
+                "epoch": epoch, "batch_index": batch_index, "history": history, "format": "tinyrefine-checkpoint-1"}
+
+    bar = _progress(range(start, config.iters), progress, initial=start, total=config.iters)
+    batches = loader.iter_from(epoch, batch_index)
+    model.train()
+    done_here = 0
+    for iteration in bar:
+        try:
+            images, masks = next(batches)
+        except StopIteration:  # next epoch
+            epoch, batch_index = epoch + 1, 0
+            batches = loader.iter_from(epoch, 0)
+            images, masks = next(batches)
+        batch_index += 1
+        tick = time.perf_counter()
+        schedule.step(iteration)
+        try:
+            loss = F.cross_entropy(model(Tensor(images)), masks, ignore_index=255)
+            loss_value = float(loss.item())
+            if not np.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at iteration {iteration}; stopped without updating the weights. "
+                    f"The last good checkpoint ({checkpoint if checkpoint.exists() else 'none written yet'}) is intact. "
+                    f"Try a lower --lr (now {config.lr}).")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        except Exception as error:  # a CUDA out-of-memory error gets advice; everything else passes through
+            if backend.is_out_of_memory(error):
+                raise MemoryError(f"the GPU ran out of memory at batch size {config.batch_size} and crop {config.crop}; "
+                                  f"lower --batch-size or --crop") from error
+            raise
+        seconds = time.perf_counter() - tick
+        for key, value in (("iteration", iteration + 1), ("loss", loss_value), ("lr", schedule_lr(optimizer)),
+                           ("seconds", seconds)):
+            history[key].append(value)
+        if progress:
+            bar.set_postfix(loss=f"{loss_value:.4f}", s_per_it=f"{seconds:.2f}")
+        last = iteration + 1 == config.iters
+        if config.eval_every and (iteration + 1) % config.eval_every == 0 and not last:
+            history["val_iteration"].append(iteration + 1)
+            history["val_miou"].append(evaluate(model, val_set, num_classes, device=config.device,
+                                                eval_size=config.eval_size)["mean_iou"])
+            model.train()
+        if (iteration + 1) % config.checkpoint_every == 0 or last:
+            save_checkpoint(checkpoint, model, optimizer, meta(iteration + 1))
+        done_here += 1
+        if stop_after is not None and done_here >= stop_after:
+            save_checkpoint(checkpoint, model, optimizer, meta(iteration + 1))
+            return {"checkpoint": str(checkpoint), "iteration": iteration + 1, "history": history, "stopped": True}
+
+    metrics = evaluate(model, val_set, num_classes, device=config.device, eval_size=config.eval_size)
+    history["val_iteration"].append(config.iters)
+    history["val_miou"].append(metrics["mean_iou"])
+    save_checkpoint(checkpoint, model, optimizer, meta(config.iters))
+    write_logs(out, history)
+    return {"checkpoint": str(checkpoint), "iteration": config.iters, "history": history, "val": metrics,
+            "out": str(out)}
+
+
+def schedule_lr(optimizer) -> float:
+    return float(optimizer.param_groups[-1]["lr"])
+
+
+def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
+    """Resuming with another model or data set would silently train something else."""
+    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "crop",
+             "batch_size", "seed", "optimizer")
+    changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed if saved.get(k) != getattr(config, k)]
+    if changed:
+        raise ValueError("--resume with a different configuration: " + "; ".join(changed))
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return _Quiet(iterable)
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+class _Quiet:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def write_logs(out: Path, history: Dict[str, List]) -> None:
+    """history.json, a CSV of the training iterations, and the loss / mIoU curves as PNG."""
+    atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
+    rows = zip(history["iteration"], history["loss"], history["lr"], history["seconds"])
+    with open(out / "log.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "loss", "lr", "seconds"])
+        writer.writerows(rows)
+    from .viz import plot_curves
+    plot_curves(history, out / "curves.png")
+
+
+# --------------------------------------------------------------------------- evaluation and prediction
+def predict_logits(model, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False,
+                   device: str = "cpu") -> np.ndarray:
+    """Class probabilities (C, H, W) for one normalised image (3, H, W), averaged over scales and flips."""
+    _, H, W = image.shape
+    x = Tensor(backend.to_device(image[None], device))
+    total = None
+    with no_grad():
+        for scale in scales:
+            xs = x if scale == 1.0 else F.interpolate(x, size=(max(32, round(H * scale)), max(32, round(W * scale))),
+                                                      align_corners=False)
+            for flipped in ((False, True) if flip else (False,)):
+                inp = Tensor(xs.data[..., ::-1].copy()) if flipped else xs
+                logits = model(inp)
+                if flipped:
+                    logits = Tensor(logits.data[..., ::-1].copy())
+                if logits.shape[2:] != (H, W):
+                    logits = F.interpolate(logits, size=(H, W), align_corners=False)
+                probs = F.softmax(logits, axis=1).data[0]
+                total = probs if total is None else total + probs
+    return backend.as_numpy(total) / (len(scales) * (2 if flip else 1))
+
+
+def evaluate(model, dataset, num_classes: int, scales: Sequence[float] = (1.0,), flip: bool = False,
+             device: str = "cpu", eval_size: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
+    """Pixel accuracy, per-class IoU and mIoU over ``dataset`` (one image at a time, any size)."""
+    model.eval()
+    confusion = RunningConfusion(num_classes)
+    transform = eval_transform(eval_size)
+    indices = _progress(range(len(dataset)), progress, total=len(dataset), desc="evaluate")
+    for i in indices:
+        image, mask = transform(*dataset[i], None)
+        probs = predict_logits(model, image, scales, flip, device)
+        confusion.update(probs.argmax(axis=0), mask)
+    result = confusion.compute()
+    return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
+            "iou": [float(v) for v in result["iou"]]}
+
+
+def predict_file(model, image_path: str, out_dir: str, scales: Sequence[float] = (1.0,), flip: bool = False,
+                 device: str = "cpu") -> Dict[str, str]:
+    """Segment one image file; writes <name>_mask.png (palette) and <name>_overlay.png."""
+    from PIL import Image
+    from .data import load_image
+    from .viz import overlay
+    image = load_image(image_path)
+    normalized, _ = eval_transform(None)(image, np.zeros(image.shape[:2], dtype=np.uint8), None)
+    if min(image.shape[:2]) < 32:
+        raise ValueError(f"{image_path}: image {image.shape[1]}x{image.shape[0]} is smaller than 32 pixels")
+    mask = predict_logits(model, normalized, scales, flip, device).argmax(axis=0).astype(np.uint8)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(image_path).stem
+    from .data import save_palette_png
+    mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+    save_palette_png(mask, mask_path)
+    Image.fromarray(overlay(image, mask)).save(overlay_path)
+    return {"mask": str(mask_path), "overlay": str(overlay_path)}
+
+
+def save_val_predictions(config: TrainConfig, val_set, n: int = 4) -> List[str]:
+    """Overlays (image | truth | prediction) for the first ``n`` validation images of a finished run."""
+    from PIL import Image
+    from .viz import overlay
+    model, _ = load_model(str(Path(config.out) / "checkpoint.npz"), config.device)
+    transform = eval_transform(config.eval_size)
+    paths = []
+    for i in range(min(n, len(val_set))):
+        image, mask = val_set[i]
+        normalized, _ = transform(image, mask, None)
+        pred = predict_logits(model, normalized, device=config.device).argmax(axis=0).astype(np.uint8)
+        if pred.shape != image.shape[:2]:
+            raise ValueError("eval_size changes the image size; predictions are drawn at the original size only")
+        panel = np.concatenate([image, overlay(image, mask), overlay(image, pred)], axis=1)
+        path = Path(config.out) / f"val_{i}.png"
+        Image.fromarray(panel).save(path)
+        paths.append(str(path))
+    return paths

@@ -434,7 +434,7 @@ def test_voc_palette_and_colorize(tmp_path):
     rgb = colorize(mask)
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     assert rgb[1, 1].tolist() == [224, 224, 192]
-    small = colorize(mask % 2 + (mask == 255) * 255, np.array([[1, 2, 3], [4, 5, 6]]))
+    small = colorize(np.where(mask == 255, 255, mask % 2), np.array([[1, 2, 3], [4, 5, 6]]))
     assert small[1, 1].tolist() == [255, 255, 255]
     with pytest.raises(ValueError, match=r"\[2\]"):
         colorize(np.array([[2]]), np.array([[1, 2, 3], [4, 5, 6]]))

@@ -685,6 +685,10 @@ def batch_norm(x: Tensor, running_mean, running_var, weight: Optional[Tensor] = 
         raise ValueError("batch_norm in eval mode needs running_mean and running_var")
     rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean
     rv = running_var.data if isinstance(running_var, Tensor) else running_var
+    for name, a in (("running_mean", rm), ("running_var", rv)):
+        if a is not None and backend.device_of(a) != x.device:
+            raise ValueError(f"batch_norm: input on {x.device} but {name} on {backend.device_of(a)}; "
+                             "move the module with .to(device)")
     op = BatchNorm(rm, rv, training, momentum, eps)
     if weight is None:
         return op(x) if bias is None else op(x) + as_tensor(bias).reshape(1, C, 1, 1)

@@ -1,0 +1,125 @@
+"""Training end to end: the CLI on real data, exact resume, divergence, parity with the torch twin."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyrefine import cli
+from tinyrefine import functional as F
+from tinyrefine.engine import Tensor
+from tinyrefine.io import load_npz, load_npz_meta
+from tinyrefine.train import TrainConfig, TrainingDiverged, build_model, train
+
+TINY = ["--encoder", "resnet18", "--encoder-width", "8", "--features", "16", "--n-crp", "2", "--crop", "64",
+        "--batch-size", "2", "--quiet", "--eval-size", "64"]
+
+
+def _tiny_config(tmp_path, **changes) -> TrainConfig:
+    base = dict(data="shapes", encoder="resnet18", encoder_width=8, features=16, n_crp=2, crop=48, batch_size=2,
+                iters=4, optimizer="sgd", lr=0.01, checkpoint_every=2, out=str(tmp_path / "run"), eval_size=None)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("name,kind", [("voc-mini", "voc"), ("camvid-mini", "camvid")])
+def test_cli_train_resume_evaluate_predict(tmp_path, data_root, capsys, name, kind):
+    root = data_root(name)
+    out = tmp_path / "run"
+    data = f"{kind}:{root}"
+    assert cli.main(["train", "--data", data, "--iters", "2", "--out", str(out)] + TINY) == 0
+    meta = load_npz_meta(out / "checkpoint.npz")
+    assert meta["iteration"] == 2
+    assert (out / "log.csv").read_text().count("\n") == 3          # header + 2 iterations
+    assert (out / "curves.png").stat().st_size > 0
+    # resume to 3 iterations: continues from the saved position
+    assert cli.main(["train", "--data", data, "--iters", "3", "--out", str(out), "--resume"] + TINY) == 0
+    assert load_npz_meta(out / "checkpoint.npz")["iteration"] == 3
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--eval-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed
+    image = sorted((root / ("JPEGImages" if kind == "voc" else "images")).glob("*.jpg"))[0]
+    assert cli.main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(image), "--out",
+                     str(tmp_path / "pred"), "--flip", "--scales", "0.75,1"]) == 0
+    from PIL import Image
+    mask = Image.open(tmp_path / "pred" / f"{image.stem}_mask.png")
+    assert mask.mode == "P" and mask.size == Image.open(image).size
+    assert (tmp_path / "pred" / f"{image.stem}_overlay.png").exists()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = _tiny_config(tmp_path / "a", iters=4)
+    train(straight, progress=False)
+    interrupted = _tiny_config(tmp_path / "b", iters=4)
+    first = train(interrupted, progress=False, stop_after=3)   # "killed" after 3 of 4 iterations
+    assert first["stopped"] and first["iteration"] == 3
+    train(interrupted, resume=True, progress=False)
+    a, b = load_npz(Path(straight.out) / "checkpoint.npz"), load_npz(Path(interrupted.out) / "checkpoint.npz")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    ha, hb = load_npz_meta(Path(straight.out) / "checkpoint.npz")["history"], load_npz_meta(Path(interrupted.out) / "checkpoint.npz")["history"]
+    assert ha["loss"] == hb["loss"]
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    config = _tiny_config(tmp_path, iters=2)
+    train(config, progress=False)
+    with pytest.raises(ValueError, match="features"):
+        train(dataclasses.replace(config, features=8, iters=3), resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train(dataclasses.replace(config, out=str(tmp_path / "nowhere")), resume=True, progress=False)
+
+
+def test_divergence_stops_with_the_last_good_checkpoint_intact(tmp_path):
+    config = _tiny_config(tmp_path, iters=50, lr=1e8, encoder_lr=1e8, checkpoint_every=1, momentum=0.0)
+    with pytest.raises(TrainingDiverged, match="lower --lr") as error:
+        train(config, progress=False)
+    checkpoint = Path(config.out) / "checkpoint.npz"
+    assert "is intact" in str(error.value)
+    arrays = load_npz(checkpoint)       # the last good one still loads, with finite weights
+    assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("model.") and v.dtype.kind == "f")
+
+
+def test_cli_reports_bad_data_clearly(tmp_path, capsys):
+    (tmp_path / "voc" / "ImageSets" / "Segmentation").mkdir(parents=True)
+    code = cli.main(["train", "--data", f"voc:{tmp_path / 'voc'}", "--iters", "1", "--out", str(tmp_path / "r")] + TINY)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.txt" in err and "error" in err
+    assert cli.main(["train", "--data", "imagenet", "--iters", "1", "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "--data must be" in capsys.readouterr().err
+
+
+def test_loss_parity_with_the_torch_twin_for_20_sgd_steps():
+    """Same initial weights, same batches, same SGD: the same losses, float64."""
+    torch = pytest.importorskip("torch")
+    from tinyrefine.data import DataLoader, Shapes, train_transform
+    from tinyrefine.interop.torch_twin import twin_from
+    from tinyrefine.optim import SGD
+    config = TrainConfig(encoder="resnet18", encoder_width=4, features=8, n_crp=2, freeze_bn=True)
+    model = build_model(config, 4).astype(np.float64)
+    twin = twin_from(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    topt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loader = DataLoader(Shapes("train", n=40, size=40), 2, shuffle=True, seed=0, transform=train_transform(32))
+    ours, theirs = [], []
+    model.train()
+    twin.train()
+    for step, (images, masks) in zip(range(20), loader):
+        images = images.astype(np.float64)
+        loss = F.cross_entropy(model(Tensor(images)), masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tloss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(images)), torch.from_numpy(masks), ignore_index=255)
+        topt.zero_grad()
+        tloss.backward()
+        topt.step()
+        ours.append(loss.item())
+        theirs.append(tloss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-8)
+    assert ours[-1] < ours[0]   # and it learns

@@ -21,11 +21,12 @@ from .palette import VOC_PALETTE
 SHAPE_CLASSES: Tuple[str, ...] = ("background", "circle", "rectangle", "triangle")
 _SPLITS = {"train": 1, "val": 2, "test": 3}
 _STREAM_TAG = 0x5A4E  # keeps these seeds apart from every other use of the same user seed
-_MIN_CONTRAST = 90  # summed |RGB difference| between a shape and its background
+_MIN_CONTRAST = 90
+_PLACEMENT_TRIES = 10  # summed |RGB difference| between a shape and its background
 
 
 class Shapes:
-    """Deterministic toy data: ``Shapes('train', n=200, size=64, seed=0)``.
+    """Deterministic toy data: ``Shapes('train', n=500, size=64, seed=0)`` (val: 100 samples by default).
 
     ``dataset[i]`` -> ``(image (H, W, 3) uint8, mask (H, W) uint8)``, or what
     ``transform(image, mask, None)`` returns (see ``sample(i, rng)``)."""
@@ -45,7 +46,7 @@ class Shapes:
         self.height, self.width = (int(v) for v in size)
         if min(self.height, self.width) < 16:
             raise ValueError(f"Shapes: images must be at least 16x16, got {self.height}x{self.width}")
-        self.n = (200 if split == "train" else 50) if n is None else int(n)
+        self.n = (500 if split == "train" else 100) if n is None else int(n)
         if self.n <= 0:
             raise ValueError(f"Shapes: n must be positive, got {n}")
         if max_shapes < 1:
@@ -101,7 +102,12 @@ class Shapes:
         mask = np.zeros((height, width), dtype=np.uint8)
         for _ in range(int(rng.integers(1, self.max_shapes + 1))):
             label = int(rng.integers(1, self.num_classes))
-            inside = self._draw(label, rng)
+            for _attempt in range(_PLACEMENT_TRIES):  # whole, unoccluded shapes keep the task learnable
+                inside = self._draw(label, rng)
+                if not (inside & (mask > 0)).any():
+                    break
+            else:
+                continue  # no free spot: fewer shapes in this image
             colour = rng.uniform(0, 255, size=3)
             while np.abs(colour - background).sum() < _MIN_CONTRAST:  # keep outlines visible
                 colour = rng.uniform(0, 255, size=3)
@@ -115,9 +121,10 @@ class Shapes:
     def _draw(self, label: int, rng: np.random.Generator) -> np.ndarray:
         """Boolean (H, W) footprint of one shape of class ``label`` at a random place and size."""
         side = min(self.height, self.width)
-        radius = rng.uniform(0.12, 0.26) * side
-        centre_y = rng.uniform(radius * 0.6, self.height - radius * 0.6)
-        centre_x = rng.uniform(radius * 0.6, self.width - radius * 0.6)
+        radius = rng.uniform(0.14, 0.26) * side
+        margin = radius * 1.15  # the largest reach of any shape below: it stays inside the frame
+        centre_y = rng.uniform(margin, self.height - margin)
+        centre_x = rng.uniform(margin, self.width - margin)
         dy, dx = self._rows - centre_y, self._cols - centre_x
         if label == 1:  # circle
             return dy * dy + dx * dx <= radius * radius

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -118,3 +118,241 @@ def draw_graph(tensor, ax=None, labels: Optional[Dict[int, str]] = None):
     ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
     ax.axis("off")
     return {"nodes": nodes, "edges": edges, "depth": depth, "boxes": boxes, "ax": ax}
+
+
+# --------------------------------------------------------------------------- gradient flow
+def _grad_norms_of(model) -> "Dict[str, float]":
+    """name -> L2 norm of ``.grad`` for every trainable parameter (0.0 where there is none yet),
+    computed as ``analysis.gradient_norms`` computes it (float64 sum of squares)."""
+    from . import backend
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad
+        out[name] = 0.0 if g is None else float(np.sqrt((backend.as_numpy(g).astype(np.float64) ** 2).sum()))
+    return out
+
+
+def plot_grad_flow(norms, ax=None, kind: str = "bar", label: Optional[str] = None, weights_only: bool = False,
+                   model=None, floor: float = 1e-12, **style):
+    """Per-layer gradient norms on a log scale, in module order (input side left, output side right).
+
+    ``norms`` is the dict from ``analysis.gradient_norms`` (name -> norm) or a model whose parameters
+    hold ``.grad`` (their L2 norms are taken here, as ``gradient_norms`` takes them). ``kind`` is 'bar'
+    or 'line' (use 'line', a shared ``ax`` and ``label`` to overlay several runs). ``weights_only``
+    keeps parameters of rank > 1 (conv weights: biases and BN affine parameters dropped); with a dict
+    it needs ``model=`` to know the shapes. A zero norm is drawn at ``floor`` (log scale).
+    Returns ``(names, norms)``: the names and the exact float norms that were plotted.
+    """
+    if hasattr(norms, "named_parameters"):
+        model, norms = norms, _grad_norms_of(norms)
+    else:
+        norms = dict(norms)
+    names = list(norms)
+    if weights_only:
+        if model is None:
+            raise ValueError("plot_grad_flow: weights_only with a dict of norms needs model= (for the shapes)")
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        names = [n for n in names if len(shapes[n]) > 1]
+    values = np.array([float(norms[n]) for n in names], dtype=np.float64)
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, min(18.0, 0.12 * len(names) + 4)), 3.5))
+    shown = np.maximum(values, floor)
+    x = np.arange(len(names))
+    if kind == "bar":
+        ax.bar(x, shown, label=label, **style)
+    elif kind == "line":
+        ax.plot(x, shown, marker=".", label=label, **style)
+    else:
+        raise ValueError(f"plot_grad_flow: kind must be 'bar' or 'line', got {kind!r}")
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_xlabel("parameter (module order: input -> output)")
+    if len(names) <= 40:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+    if label is not None:
+        ax.legend()
+    return names, values
+
+
+def show_feature_maps(x, n: int = 8, ax=None, cols: Optional[int] = None, title: Optional[str] = None,
+                      cmap: str = "viridis") -> np.ndarray:
+    """The first ``n`` channels of a feature map as one grid image.
+
+    ``x`` is a Tensor or array of shape (1, C, H, W) or (C, H, W). Each channel is min-max
+    normalised to [0, 1] on its own (a constant channel becomes 0); channels are laid out
+    ``cols`` per row (default min(n, 8)) with a 1-pixel NaN gap, drawn blank. Returns the grid,
+    shape (rows*(H+1)-1, cols*(W+1)-1), float64.
+    """
+    from . import backend
+    a = backend.as_numpy(getattr(x, "data", x)).astype(np.float64)
+    if a.ndim == 4:
+        if a.shape[0] != 1:
+            raise ValueError(f"show_feature_maps: expected one image (1, C, H, W), got {a.shape}")
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"show_feature_maps: expected (1, C, H, W) or (C, H, W), got {a.shape}")
+    a = a[:max(1, n)]
+    C, H, W = a.shape
+    lo = a.min(axis=(1, 2), keepdims=True)
+    span = a.max(axis=(1, 2), keepdims=True) - lo
+    a = np.where(span > 0, (a - lo) / np.where(span > 0, span, 1.0), 0.0)
+    cols = min(C, 8) if cols is None else max(1, min(cols, C))
+    rows = -(-C // cols)
+    grid = np.full((rows * (H + 1) - 1, cols * (W + 1) - 1), np.nan)
+    for k in range(C):
+        r, c = divmod(k, cols)
+        grid[r * (H + 1):r * (H + 1) + H, c * (W + 1):c * (W + 1) + W] = a[k]
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.3 * cols + 0.5, 1.3 * rows * H / W + 0.5))
+    colormap = plt.get_cmap(cmap).with_extremes(bad="white")   # the NaN gaps
+    ax.imshow(np.ma.masked_invalid(grid), cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    return grid
+
+
+# --------------------------------------------------------------------------- activation memory
+def _is_array(value) -> bool:
+    from . import backend
+    return isinstance(value, np.ndarray) or backend.is_cupy_array(value)
+
+
+def _owner(array):
+    """The array that owns the memory of ``array`` (itself, or the root of its chain of views)."""
+    while getattr(array, "base", None) is not None and _is_array(array.base):
+        array = array.base
+    return array
+
+
+def _default_groups(model) -> List[str]:
+    """The model's top-level children, with a ResNet encoder replaced by its own children
+    (conv1, bn1, relu, maxpool, layer1..layer4) so that its four stages appear separately."""
+    from .models.resnet import ResNet
+    groups = []
+    for name, child in model.named_children():
+        if isinstance(child, ResNet):
+            groups += [f"{name}.{k}" for k, _ in child.named_children()]
+        else:
+            groups.append(name)
+    return groups
+
+
+def activation_memory(model, images, groups: Optional[List[str]] = None,
+                      include_parameters: bool = True) -> List[Tuple[str, int]]:
+    """Bytes that one training forward keeps alive for backward, per module: ``[(name, bytes), ...]``.
+
+    One forward runs with graph recording on. While it runs, ``Function.__call__`` is patched to note
+    every graph node it creates, and each module in ``groups`` (default: the model's top-level children,
+    with the encoder split into conv1 .. layer4) is wrapped to note which nodes it created and what it
+    returned. A module's bytes are then the arrays its nodes saved for backward (every array among the
+    node's attributes, the engine's underscore fields aside) plus its output arrays. Every array is
+    counted once, by the memory that owns it (a view counts as its base), for the first module that
+    holds it: a conv that saves the previous module's output adds nothing. Ops in the model's own
+    ``forward`` (outside every group: the final upsampling) are reported as '(model)'.
+    ``include_parameters=False`` leaves out arrays that are parameter or buffer data (a conv node
+    saves its weight; BatchNorm its affine weight and running statistics). Everything is restored:
+    the patched ``__call__``, the wrappers, gradients and BatchNorm statistics.
+    """
+    from . import engine
+    from .analysis import _preserved
+    from .engine import Function, Tensor
+    from .nn import Buffer, Parameter
+    names = list(groups) if groups is not None else _default_groups(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"activation_memory: no module named {missing} in the model")
+    events: List[Tuple[str, str, object]] = []   # (group, 'node' | 'output', node or output)
+    active: List[str] = []
+    original_call = Function.__call__
+
+    def call(self, *inputs):
+        result = original_call(self, *inputs)
+        if result.creator is self:
+            events.append((active[-1] if active else "(model)", "node", self))
+        return result
+
+    def wrap(name: str, module):
+        forward = type(module).forward.__get__(module)
+
+        def wrapped(*args, **kwargs):
+            active.append(name)
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                active.pop()
+            events.append((name, "output", out))
+            return out
+        return wrapped
+
+    # parameter and buffer arrays as the forward sees them (_preserved swaps buffers for copies on exit)
+    skip = set() if include_parameters else {id(_owner(t.data)) for _, t in model._named_tensors((Parameter, Buffer))}
+    wrapped_modules = []
+    previous_grad = engine._grad_enabled
+    try:
+        for name in names:
+            modules[name].forward = wrap(name, modules[name])  # an instance attribute shadows the method
+            wrapped_modules.append(modules[name])
+        Function.__call__ = call
+        engine._grad_enabled = True
+        with _preserved(model):
+            output = model(images if isinstance(images, Tensor) else Tensor(images))
+        events.append(("(model)", "output", output))
+    finally:
+        Function.__call__ = original_call
+        engine._grad_enabled = previous_grad
+        for module in wrapped_modules:
+            vars(module).pop("forward", None)
+
+    seen = set(skip)
+    totals = {name: 0 for name in names}
+    totals["(model)"] = 0
+
+    def count(group: str, array) -> None:
+        owner = _owner(array)
+        if id(owner) not in seen:
+            seen.add(id(owner))
+            totals[group] += int(owner.nbytes)
+
+    def arrays_in(value):
+        if isinstance(value, Tensor):
+            yield value.data
+        elif _is_array(value):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from arrays_in(v)
+
+    for group, kind, item in events:
+        if kind == "node":
+            for key, value in vars(item).items():
+                if not key.startswith("_"):
+                    for array in arrays_in(value):
+                        count(group, array)
+        else:
+            for array in arrays_in(item):
+                count(group, array)
+    rows = [(name, totals[name]) for name in names]
+    if totals["(model)"]:
+        rows.append(("(model)", totals["(model)"]))
+    return rows
+
+
+def memory_report(model_or_rows, images=None, **kwargs) -> str:
+    """A text table of ``activation_memory`` (rows, or a model and images): bytes, MB and share per module."""
+    rows = list(model_or_rows) if images is None else activation_memory(model_or_rows, images, **kwargs)
+    total = sum(b for _, b in rows)
+    width = max([len("module")] + [len(n) for n, _ in rows] + [len("total")])
+    lines = [f"{'module'.ljust(width)}  {'bytes':>12}  {'MB':>8}  {'share':>6}", "-" * (width + 34)]
+    for name, b in rows:
+        lines.append(f"{name.ljust(width)}  {b:>12,d}  {b / 2**20:>8.3f}  {100 * b / max(total, 1):>5.1f}%")
+    lines.append("-" * (width + 34))
+    lines.append(f"{'total'.ljust(width)}  {total:>12,d}  {total / 2**20:>8.3f}  {100.0 if total else 0.0:>5.1f}%")
+    return "\n".join(lines)

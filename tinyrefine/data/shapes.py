@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from .palette import VOC_PALETTE
+from .voc import SegmentationSet
 
 SHAPE_CLASSES: Tuple[str, ...] = ("background", "circle", "rectangle", "triangle")
 _SPLITS = {"train": 1, "val": 2, "test": 3}
@@ -25,7 +26,7 @@ _MIN_CONTRAST = 90
 _PLACEMENT_TRIES = 10  # summed |RGB difference| between a shape and its background
 
 
-class Shapes:
+class Shapes(SegmentationSet):
     """Deterministic toy data: ``Shapes('train', n=500, size=64, seed=0)`` (val: 100 samples by default).
 
     ``dataset[i]`` -> ``(image (H, W, 3) uint8, mask (H, W) uint8)``, or what
@@ -76,15 +77,6 @@ class Shapes:
             self._cache[index] = self._generate(index)
         image, mask = self._cache[index]
         return image.copy(), mask.copy()
-
-    def sample(self, index: int, rng: Optional[np.random.Generator] = None):
-        image, mask = self.load(index)
-        if self.transform is not None:
-            return self.transform(image, mask, rng)
-        return image, mask
-
-    def __getitem__(self, index: int):
-        return self.sample(index, None)
 
     def __repr__(self) -> str:
         return (f"Shapes(split={self.split!r}, n={self.n}, size=({self.height}, {self.width}), "

@@ -103,7 +103,26 @@ def load_mask(path: PathLike) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the shared dataset
-class FolderSegmentation:
+class SegmentationSet:
+    """What every data set shares: ``load(i)`` gives the raw pair, ``sample(i, rng)`` the transformed one."""
+
+    transform: Optional[Callable] = None
+
+    def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, index: int, rng: Optional[np.random.Generator] = None):
+        """The pair at ``index`` after ``self.transform`` (called with ``rng``)."""
+        image, mask = self.load(index)
+        if self.transform is not None:
+            return self.transform(image, mask, rng)
+        return image, mask
+
+    def __getitem__(self, index: int):
+        return self.sample(index, None)
+
+
+class FolderSegmentation(SegmentationSet):
     """Image/mask pairs named by the ids in a split file; the base of VOC and CamVid.
 
     ``dataset[i]`` -> ``(image (H, W, 3) uint8, mask (H, W) uint8)``, or what
@@ -183,16 +202,6 @@ class FolderSegmentation:
     def map_mask(self, mask: np.ndarray) -> np.ndarray:
         """Hook: turn on-disk labels into training labels (CamVid maps void to 255)."""
         return mask
-
-    def sample(self, index: int, rng: Optional[np.random.Generator] = None):
-        """The pair at ``index`` after ``self.transform`` (called with ``rng``)."""
-        image, mask = self.load(index)
-        if self.transform is not None:
-            return self.transform(image, mask, rng)
-        return image, mask
-
-    def __getitem__(self, index: int):
-        return self.sample(index, None)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "

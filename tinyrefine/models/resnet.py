@@ -3,6 +3,9 @@
 v1.5 puts a bottleneck's stride on its 3x3 conv, as torchvision does, so torchvision
 weights load with no renaming. The encoder returns the four block outputs that
 RefineNet refines: at 1/4, 1/8, 1/16 and 1/32 of the input resolution.
+``dilated=True`` is torchvision's ``replace_stride_with_dilation=[False, True, True]``
+(output stride 8, the DeepLab-style baseline): layer3 and layer4 keep stride 1 and
+dilate their 3x3 convs by 2 and 4 instead, so the outputs are at 1/4, 1/8, 1/8, 1/8.
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottle
 
 
 class BasicBlock(Module):
-    """Two 3x3 convs plus the identity (ResNet-18/34). out = relu(bn2(conv2(relu(bn1(conv1 x)))) + x)"""
+    """Two 3x3 convs plus the identity (ResNet-18/34). out = relu(bn2(conv2(relu(bn1(conv1 x)))) + x)
+
+    ``dilation`` dilates both 3x3 convs (torchvision refuses dilation in a BasicBlock; we allow it
+    so that a small dilated ResNet-18 can serve as the output-stride-8 baseline)."""
     expansion = 1
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample: Optional[Module] = None,
-                 rng: Optional[np.random.Generator] = None) -> None:
-        self.conv1 = Conv2d(in_channels, channels, 3, stride, 1, bias=False, rng=rng)
+                 rng: Optional[np.random.Generator] = None, dilation: int = 1) -> None:
+        self.conv1 = Conv2d(in_channels, channels, 3, stride, dilation, dilation, bias=False, rng=rng)
         self.bn1 = BatchNorm2d(channels)
         self.relu = ReLU()
-        self.conv2 = Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng)
+        self.conv2 = Conv2d(channels, channels, 3, 1, dilation, dilation, bias=False, rng=rng)
         self.bn2 = BatchNorm2d(channels)
         self.downsample = downsample
 
@@ -42,10 +48,10 @@ class Bottleneck(Module):
     expansion = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample: Optional[Module] = None,
-                 rng: Optional[np.random.Generator] = None) -> None:
+                 rng: Optional[np.random.Generator] = None, dilation: int = 1) -> None:
         self.conv1 = Conv2d(in_channels, channels, 1, bias=False, rng=rng)
         self.bn1 = BatchNorm2d(channels)
-        self.conv2 = Conv2d(channels, channels, 3, stride, 1, bias=False, rng=rng)
+        self.conv2 = Conv2d(channels, channels, 3, stride, dilation, dilation, bias=False, rng=rng)
         self.bn2 = BatchNorm2d(channels)
         self.conv3 = Conv2d(channels, channels * 4, 1, bias=False, rng=rng)
         self.bn3 = BatchNorm2d(channels * 4)
@@ -63,7 +69,7 @@ class ResNet(Module):
     """The convolutional trunk of a ResNet (no pooling head, no fc): image -> [c1, c2, c3, c4]."""
 
     def __init__(self, depth: int = 101, freeze_bn: bool = False, width: int = 64,
-                 rng: Optional[np.random.Generator] = None) -> None:
+                 rng: Optional[np.random.Generator] = None, dilated: bool = False) -> None:
         if depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
         kind, counts = DEPTHS[depth]
@@ -73,19 +79,24 @@ class ResNet(Module):
         self.bn1 = BatchNorm2d(width)
         self.relu = ReLU()
         self.maxpool = MaxPool2d(3, 2, 1)                                      # (N, 64, H/4, W/4)
-        in_channels = width
+        in_channels, dilation = width, 1
         for i, (count, stride) in enumerate(zip(counts, (1, 2, 2, 2))):
             channels = width * 2 ** i
+            previous_dilation = dilation
+            if dilated and i >= 2:  # layer3, layer4: trade the stride for dilation (2, then 4)
+                dilation, stride = dilation * stride, 1
             downsample = None
             if stride != 1 or in_channels != channels * block.expansion:
                 downsample = Sequential(Conv2d(in_channels, channels * block.expansion, 1, stride, bias=False, rng=rng),
                                         BatchNorm2d(channels * block.expansion))
-            blocks = [block(in_channels, channels, stride, downsample, rng=rng)]
+            # as torchvision: a layer's first block keeps the previous dilation, the others take the new one
+            blocks = [block(in_channels, channels, stride, downsample, rng=rng, dilation=previous_dilation)]
             in_channels = channels * block.expansion
-            blocks += [block(in_channels, channels, rng=rng) for _ in range(count - 1)]
+            blocks += [block(in_channels, channels, rng=rng, dilation=dilation) for _ in range(count - 1)]
             setattr(self, f"layer{i + 1}", Sequential(*blocks))
         # channels of layer1..layer4: (64, 128, 256, 512) * expansion for width 64
         self.out_channels = [width * 2 ** i * block.expansion for i in range(4)]
+        self.output_strides = [4, 8, 8, 8] if dilated else [4, 8, 16, 32]
         if freeze_bn:
             self.freeze_bn()
 

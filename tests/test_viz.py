@@ -56,7 +56,10 @@ def test_plot_grad_flow_accepts_gradient_norms_dict():
     np.testing.assert_array_equal(norms, np.array(list(norms_dict.values())))
     assert ax.get_yscale() == "log"
     line = ax.get_lines()[0]
-    np.testing.assert_allclose(line.get_ydata(), np.maximum(norms, 1e-12))
+    np.testing.assert_allclose(line.get_ydata(), norms)          # every norm > 0: drawn as is
+    _, zero = plot_grad_flow({"a": 0.0, "b": 1e-20, "c": 2.0}, ax=ax, kind="line")
+    np.testing.assert_array_equal(zero, [0.0, 1e-20, 2.0])         # returned exactly ...
+    np.testing.assert_allclose(ax.get_lines()[-1].get_ydata(), [1e-21, 1e-20, 2.0])   # ... a zero drawn at min/10
     # the model's own gradients were left untouched by gradient_norms, and match its numbers
     assert all(p.grad is None for p in model.parameters())
     F.cross_entropy(model(Tensor(images)), target).backward()

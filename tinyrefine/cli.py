@@ -29,6 +29,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=d["freeze_bn"],
                    help="train BatchNorm statistics (frozen by default, as in the paper)")
     p.add_argument("--crop", type=int, default=d["crop"])
+    p.add_argument("--scale-min", type=float, default=d["scale_min"], help="random scale augmentation, lower end")
+    p.add_argument("--scale-max", type=float, default=d["scale_max"], help="random scale augmentation, upper end")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--iters", type=int, default=d["iters"])
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs (overrides --iters)")

@@ -44,6 +44,8 @@ class TrainConfig:
     improved_crp: bool = False
     freeze_bn: bool = True
     crop: int = 256
+    scale_min: float = 0.7               # random scale augmentation range (the paper's 0.7-1.3)
+    scale_max: float = 1.3
     batch_size: int = 2
     iters: int = 1000
     optimizer: str = "sgd"               # sgd | adam
@@ -139,7 +141,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     optimizer = build_optimizer(config, model)
     schedule = PolyLR(optimizer, config.iters, config.poly_power)
     loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
-                        transform=train_transform(config.crop), device=config.device)
+                        transform=train_transform(config.crop, (config.scale_min, config.scale_max)),
+                        device=config.device)
     checkpoint = out / "checkpoint.npz"
     history: Dict[str, List] = {"iteration": [], "loss": [], "lr": [], "seconds": [], "val_iteration": [], "val_miou": []}
     start, epoch, batch_index = 0, 0, 0
@@ -221,7 +224,7 @@ def schedule_lr(optimizer) -> float:
 def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
     """Resuming with another model or data set would silently train something else."""
     fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "crop",
-             "batch_size", "seed", "optimizer")
+             "scale_min", "scale_max", "batch_size", "seed", "optimizer")
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed if saved.get(k) != getattr(config, k)]
     if changed:
         raise ValueError("--resume with a different configuration: " + "; ".join(changed))

@@ -135,14 +135,15 @@ def _grad_norms_of(model) -> "Dict[str, float]":
 
 
 def plot_grad_flow(norms, ax=None, kind: str = "bar", label: Optional[str] = None, weights_only: bool = False,
-                   model=None, floor: float = 1e-12, **style):
+                   model=None, floor: Optional[float] = None, **style):
     """Per-layer gradient norms on a log scale, in module order (input side left, output side right).
 
     ``norms`` is the dict from ``analysis.gradient_norms`` (name -> norm) or a model whose parameters
     hold ``.grad`` (their L2 norms are taken here, as ``gradient_norms`` takes them). ``kind`` is 'bar'
     or 'line' (use 'line', a shared ``ax`` and ``label`` to overlay several runs). ``weights_only``
     keeps parameters of rank > 1 (conv weights: biases and BN affine parameters dropped); with a dict
-    it needs ``model=`` to know the shapes. A zero norm is drawn at ``floor`` (log scale).
+    it needs ``model=`` to know the shapes. A zero norm (no gradient) is drawn at ``floor``, by default
+    a tenth of the smallest positive norm (a log scale has no 0).
     Returns ``(names, norms)``: the names and the exact float norms that were plotted.
     """
     if hasattr(norms, "named_parameters"):
@@ -159,7 +160,10 @@ def plot_grad_flow(norms, ax=None, kind: str = "bar", label: Optional[str] = Non
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6.0, min(18.0, 0.12 * len(names) + 4)), 3.5))
-    shown = np.maximum(values, floor)
+    if floor is None:
+        positive = values[values > 0]
+        floor = float(positive.min()) / 10 if positive.size else 1e-12
+    shown = np.where(values > 0, values, floor)
     x = np.arange(len(names))
     if kind == "bar":
         ax.bar(x, shown, label=label, **style)

@@ -95,31 +95,29 @@ def test_cli_reports_bad_data_clearly(tmp_path, capsys):
 
 def test_loss_parity_with_the_torch_twin_for_20_sgd_steps():
     """Same initial weights, same batches, same SGD: the same losses, float64."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from tinyrefine.data import DataLoader, Shapes, train_transform
-    from tinyrefine.interop.torch_twin import twin_from
-    from tinyrefine.optim import SGD
+    from tinyrefine.interop.torch_twin import sgd_side_by_side, twin_from
     config = TrainConfig(encoder="resnet18", encoder_width=4, features=8, n_crp=2, freeze_bn=True)
     model = build_model(config, 4).astype(np.float64)
-    twin = twin_from(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    topt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4)
     loader = DataLoader(Shapes("train", n=40, size=40), 2, shuffle=True, seed=0, transform=train_transform(32))
-    ours, theirs = [], []
-    model.train()
-    twin.train()
-    for step, (images, masks) in zip(range(20), loader):
-        images = images.astype(np.float64)
-        loss = F.cross_entropy(model(Tensor(images)), masks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        tloss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(images)), torch.from_numpy(masks), ignore_index=255)
-        topt.zero_grad()
-        tloss.backward()
-        topt.step()
-        ours.append(loss.item())
-        theirs.append(tloss.item())
+    ours, theirs = sgd_side_by_side(model, twin_from(model), (b for _, b in zip(range(20), loader)))
+    assert len(ours) == 20
     np.testing.assert_allclose(ours, theirs, rtol=1e-8)
     assert ours[-1] < ours[0]   # and it learns
+
+
+def test_pretrained_torchvision_encoder_weights_load_in_one_call(tmp_path):
+    """A torchvision-style ResNet .pth (with its fc head) fills the encoder, read without torch's unpickler."""
+    torch = pytest.importorskip("torch")
+    from tinyrefine.interop.torch_twin import twin_from
+    config = TrainConfig(encoder="resnet18", encoder_width=8, features=8, n_crp=1)
+    source = twin_from(build_model(dataclasses.replace(config, seed=1), 3))
+    state = dict(source.encoder.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 64), torch.zeros(1000)
+    torch.save(state, tmp_path / "resnet18.pth")
+    model = build_model(dataclasses.replace(config, pretrained=str(tmp_path / "resnet18.pth")), 3)
+    ours = model.encoder.state_dict()
+    assert set(ours) == {k for k in state if not k.startswith("fc.")}
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)

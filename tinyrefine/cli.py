@@ -18,7 +18,7 @@ DEMO = dict(data="shapes", encoder="resnet18", encoder_width=16, features=32, n_
 
 def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     d = {**dataclasses.asdict(TrainConfig()), **defaults}
-    p.add_argument("--data", default=d["data"], help="shapes | voc:PATH | camvid:PATH (default: %(default)s)")
+    p.add_argument("--data", default=d["data"], help="shapes[:SIZE] | voc:PATH | camvid:PATH (default: %(default)s)")
     p.add_argument("--subset", type=int, default=d["subset"], help="use the first N training images")
     p.add_argument("--encoder", default=d["encoder"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     p.add_argument("--encoder-width", type=int, default=d["encoder_width"], help="ResNet base width (64 in the paper)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scales", type=_scales, default=[1.0], help="e.g. 0.75,1,1.25 (averaged, as in the paper)")
         p.add_argument("--flip", action="store_true", help="also average over horizontal flips")
         if name == "evaluate":
-            p.add_argument("--data", default=None, help="shapes | voc:PATH | camvid:PATH (default: the training data)")
+            p.add_argument("--data", default=None, help="shapes[:SIZE] | voc:PATH | camvid:PATH (default: the training data)")
             p.add_argument("--eval-size", type=int, default=None)
         else:
             p.add_argument("images", nargs="+", help="image files")

@@ -34,7 +34,7 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a run depends on (saved in every checkpoint)."""
-    data: str = "shapes"                 # shapes | voc:PATH | camvid:PATH
+    data: str = "shapes"                 # shapes[:SIZE] | voc:PATH | camvid:PATH
     subset: Optional[int] = None         # first N training ids (for a full VOC download)
     encoder: str = "resnet18"
     encoder_width: int = 64
@@ -67,15 +67,18 @@ class TrainConfig:
 def build_datasets(config: TrainConfig):
     """(train set, val set, number of classes) from ``config.data``."""
     kind, _, path = config.data.partition(":")
-    if kind == "shapes":
-        train, val = Shapes("train", seed=config.seed), Shapes("val", seed=config.seed)
+    if kind == "shapes":  # "shapes" or "shapes:SIZE" (image side in pixels, 64 by default)
+        if path and not path.isdigit():
+            raise ValueError(f"--data shapes:SIZE needs a whole number of pixels, got {config.data!r}")
+        size = int(path) if path else 64
+        train, val = Shapes("train", size=size, seed=config.seed), Shapes("val", size=size, seed=config.seed)
     elif kind == "voc":
         train = VOCSegmentation(path, "train", subset=config.subset)
         val = VOCSegmentation(path, "val")
     elif kind == "camvid":
         train, val = CamVid(path, "train", subset=config.subset), CamVid(path, "val")
     else:
-        raise ValueError(f"--data must be shapes, voc:PATH or camvid:PATH, got {config.data!r}")
+        raise ValueError(f"--data must be shapes[:SIZE], voc:PATH or camvid:PATH, got {config.data!r}")
     return train, val, train.num_classes
 
 

@@ -265,3 +265,34 @@ def twin_from(model, device: str = "cpu") -> TorchRefineNet:
 
 def _host(array) -> np.ndarray:
     return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else array
+
+
+def sgd_side_by_side(model, twin: nn.Module, batches, lr: float = 0.01, momentum: float = 0.9,
+                     weight_decay: float = 1e-4):
+    """Train ``model`` (tinyrefine) and ``twin`` on the same batches with the same SGD.
+
+    ``batches`` yields (images, masks) numpy arrays; images are cast to the model's dtype.
+    Returns the two lists of losses, one entry per step."""
+    from tinyrefine import functional as F
+    from tinyrefine.engine import Tensor
+    from tinyrefine.optim import SGD
+    dtype = next(iter(model.parameters())).dtype
+    opt = SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    topt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
+    model.train()
+    twin.train()
+    ours, theirs = [], []
+    for images, masks in batches:
+        images = images.astype(dtype)
+        loss = F.cross_entropy(model(Tensor(images)), masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tloss = TF.cross_entropy(twin(torch.from_numpy(images)), torch.from_numpy(masks), ignore_index=255)
+        topt.zero_grad()
+        tloss.backward()
+        topt.step()
+        ours.append(loss.item())
+        theirs.append(tloss.item())
+    return ours, theirs

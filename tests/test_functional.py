@@ -455,3 +455,24 @@ def test_dropout_eval_and_zero_probability_are_identity():
     assert F.dropout(x, 0.0) is x
     with pytest.raises(ValueError, match="dropout probability"):
         F.dropout(x, 1.0)
+
+
+def test_threaded_plane_split_matches_single_thread(monkeypatch):
+    """Shapes large enough to be split over cores give exactly the one-core result."""
+    import os
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 24, 80, 72)).astype(np.float32)
+    w = rng.standard_normal((8, 24, 3, 3)).astype(np.float32)
+
+    def run():
+        xt, wt = tr.Tensor(x.copy(), requires_grad=True), tr.Tensor(w.copy(), requires_grad=True)
+        y = F.conv2d(xt, wt, padding=1)
+        z = F.max_pool2d(tr.Tensor(x.copy(), requires_grad=True), 5, 1, 2)
+        y.backward(np.ones(y.shape, np.float32))
+        return y.data, xt.grad, wt.grad, z.data
+
+    threaded = run()
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    single = run()
+    for a, b in zip(threaded, single):
+        np.testing.assert_array_equal(a, b)

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--data", default=None, help="shapes[:SIZE] | voc:PATH | camvid:PATH (default: the training data)")
             p.add_argument("--eval-size", type=int, default=None)
+            p.add_argument("--split", default="val", choices=["train", "val"],
+                           help="which split to score (train: does the model fit what it saw?)")
         else:
             p.add_argument("images", nargs="+", help="image files")
             p.add_argument("--out", default="predictions")
@@ -116,11 +118,12 @@ def _run(args: argparse.Namespace) -> int:
         config = T.TrainConfig(**{**meta["config"], "pretrained": None})
         if args.data:
             config.data = args.data
-        _, val_set, num_classes = T.build_datasets(config)
-        metrics = T.evaluate(model, val_set, num_classes, args.scales, args.flip, args.device,
+        train_set, val_set, num_classes = T.build_datasets(config)
+        dataset = train_set if args.split == "train" else val_set
+        metrics = T.evaluate(model, dataset, num_classes, args.scales, args.flip, args.device,
                              eval_size=args.eval_size, progress=True)
         print(json.dumps(metrics, indent=1))
-        print(f"mIoU {metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  "
+        print(f"{args.split} mIoU {metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  "
               f"(scales {args.scales}{', flip' if args.flip else ''})")
         return 0
     for image in args.images:

@@ -23,15 +23,16 @@ IntPair = Union[int, Tuple[int, int]]
 _plane_pool = None
 
 
-def over_planes(n_planes: int, work, chunks_per_core: int = 4) -> None:
+def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) -> None:
     """Run ``work(a, b)`` over plane ranges covering [0, n_planes), on all cores.
 
     NumPy runs an elementwise loop on one core (torch uses them all); numpy's loops
     release the GIL, so threads over disjoint planes scale, and smaller chunks stay in cache.
+    Small jobs (under ~1M values) run inline: there the threads cost more than they save.
     """
     global _plane_pool
     cores = os.cpu_count() or 1
-    if cores == 1 or n_planes < 2:
+    if cores == 1 or n_planes < 2 or n_planes * plane_size < (1 << 20):
         work(0, n_planes)
         return
     if _plane_pool is None:
@@ -104,7 +105,7 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
         for p in range(kh):
             for q in range(kw):
                 dst[a:b, p, q] = src[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
-    over_planes(N * C, copy_offsets)
+    over_planes(N * C, copy_offsets, kh * kw * Ho * Wo)
     return cols
 
 
@@ -156,7 +157,7 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation):
             for q in range(kw):
                 dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += src[a:b, p, q]
         dx[a:b] = dxpad[a:b, ph:ph + H, pw:pw + W]
-    over_planes(N * C, add_offsets)
+    over_planes(N * C, add_offsets, kh * kw * Ho * Wo)
     return dx.reshape(x_shape)
 
 
@@ -353,7 +354,7 @@ class MaxPool2d(Function):
             rows = np.empty((b - a, H + 2 * ph, Wo), dtype=x.dtype)
             self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b])      # max along W
             self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b])    # then along H
-        over_planes(N * C, pool)
+        over_planes(N * C, pool, kh * H * W)
         return y.reshape(N, C, Ho, Wo)
 
     def backward(self, gy):
@@ -368,7 +369,7 @@ class MaxPool2d(Function):
             g_rows = self._scatter_along(g_planes[a:b], self.arg_h[a:b], 1, kh, sh, H + 2 * ph)  # (P, H+2ph, Wo)
             g_pad = self._scatter_along(g_rows, self.arg_w[a:b], 2, kw, sw, W + 2 * pw)         # (P, H+2ph, W+2pw)
             gx[a:b] = g_pad[:, ph:ph + H, pw:pw + W]
-        over_planes(N * C, unpool)
+        over_planes(N * C, unpool, kh * H * W)
         return gx.reshape(self.x_shape)
 
     # ---- CUDA twin: one thread per output scans its window in row-major order (same tie rule);

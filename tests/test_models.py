@@ -78,6 +78,16 @@ def test_gradient_at_c1_is_the_sum_over_its_paths(cascade):
     assert norms["layer1"] == pytest.approx(np.linalg.norm(total))
 
 
+def test_gradient_paths_add_up_in_the_two_scale_variant():
+    model = tiny(two_scale=True, n_crp=2).astype(np.float64)
+    x, t = images(5, shape=(1, 3, 56, 54)), labels(5, shape=(1, 56, 54))
+    paths = analysis.encoder_gradient_paths(model, x, t, block=1)
+    assert paths["total"].shape == (1, 4, 17, 17)          # c1 of the 1.2x encoder (67x65 input)
+    np.testing.assert_allclose(paths["total"], paths["long_range"] + paths["encoder"], rtol=1e-10,
+                               atol=1e-12 * np.abs(paths["total"]).max())
+    np.testing.assert_allclose(analysis.encoder_output_gradients(model, x, t)[0], paths["total"], rtol=1e-12, atol=1e-15)
+
+
 def test_gradient_paths_of_block_2_also_add_up():
     model = tiny().astype(np.float64)
     paths = analysis.encoder_gradient_paths(model, images(3), labels(3), block=2)
@@ -182,10 +192,61 @@ def test_cascade_variants_forward(cascade, improved_crp):
     assert blocks == {1: {"refine1"}, 2: {"refine1", "refine2"}, 4: {"refine1", "refine2", "refine3", "refine4"}}[cascade]
 
 
+# --------------------------------------------------------------------------- the 2-scale variant (Fig. 7c)
+def test_two_scale_wiring_and_names():
+    model = tiny(two_scale=True, n_crp=2)
+    names = [n for n, _ in model.named_parameters()]
+    # 7 encoder paths: 4 from the 1.2x encoder, 3 from the 0.6x one (its 1/4 map is unused)
+    assert [n for n in names if n.startswith("adapt")] == [
+        "adapt1.weight", "adapt2.weight", "adapt3.weight", "adapt4.weight",
+        "adapt_small2.weight", "adapt_small3.weight", "adapt_small4.weight"]
+    assert "encoder_small.layer4.1.conv2.weight" in names and "encoder_small.fc.weight" not in names
+    paths = {m: len(getattr(model, f"refine{m}").rcus) for m in (1, 2, 3, 4)}
+    assert paths == {4: 3, 3: 3, 2: 2, 1: 2} and sum(paths.values()) - 3 == 7   # minus the 3 cascade inputs
+    assert model.refine4.fusion.convs[2].weight.shape == (8, 8, 3, 3)          # refine4 works at 2 * features
+    # frozen BN in both encoders; the optimizer puts both in the encoder group
+    assert not model.encoder_small.bn1.weight.requires_grad
+    from tinyrefine.optim import encoder_decoder_groups
+    encoder_group, decoder_group = encoder_decoder_groups(model, lr=1.0)
+    assert len(encoder_group["params"]) == sum(1 for n in names if n.startswith("encoder"))
+    assert len(encoder_group["params"]) + len(decoder_group["params"]) == len(names)
+
+
+def test_two_scale_forward_uses_both_scales():
+    model = tiny(two_scale=True, n_crp=2)
+    seen = {}
+    for name in ("encoder", "encoder_small"):
+        encoder = getattr(model, name)
+        encoder.forward = (lambda f, n: lambda x: seen.setdefault(n, x.shape) and f(x))(encoder.forward, name)
+    x = tr.Tensor(images(shape=(2, 3, 60, 70), dtype=np.float32))
+    with tr.no_grad():
+        y = model(x)
+    assert y.shape == (2, 3, 60, 70) and np.all(np.isfinite(y.numpy()))
+    assert seen == {"encoder": (2, 3, 72, 84), "encoder_small": (2, 3, 36, 42)}    # x1.2 and x0.6, rounded
+
+
+def test_two_scale_gradcheck():
+    model = tiny(two_scale=True, n_crp=2).astype(np.float64)
+    params = dict(model.named_parameters())
+    names = ["encoder_small.layer3.0.conv1.weight", "adapt_small2.weight", "adapt_small4.weight",
+             "refine4.fusion.convs.2.weight", "refine3.rcus.2.1.conv2.weight", "encoder.layer1.0.conv1.weight"]
+    x = tr.Tensor(images(2, shape=(1, 3, 54, 56)), requires_grad=True)
+    assert tr.gradcheck(model, [x], params=[params[n] for n in names], n_samples=3)
+
+
+def test_two_scale_bad_config_and_input():
+    with pytest.raises(ValueError, match="4-cascaded"):
+        tiny(two_scale=True, cascade=2)
+    with pytest.raises(ValueError, match="at least 53x53"):
+        tiny(two_scale=True)(tr.Tensor(np.zeros((1, 3, 52, 64), np.float32)))
+    with tr.no_grad():
+        assert tiny(two_scale=True)(tr.Tensor(np.zeros((1, 3, 53, 53), np.float32))).shape == (1, 3, 53, 53)
+
+
 def test_config_is_stored():
     model = tiny(cascade=2, n_crp=3, improved_crp=True, seed=7)
     assert model.config == dict(TINY, n_crp=3, cascade=2, freeze_bn=True, improved_crp=True, shortcuts=True,
-                                long_range=True, crp_relu=True, seed=7)
+                                long_range=True, crp_relu=True, two_scale=False, seed=7)
     rebuilt = RefineNet(**model.config)
     for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
         np.testing.assert_array_equal(a, b, err_msg=k)

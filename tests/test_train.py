@@ -121,3 +121,27 @@ def test_pretrained_torchvision_encoder_weights_load_in_one_call(tmp_path):
     assert set(ours) == {k for k in state if not k.startswith("fc.")}
     for key, value in ours.items():
         np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
+    # the 2-scale variant starts both of its encoders from the same file
+    two = build_model(dataclasses.replace(config, pretrained=str(tmp_path / "resnet18.pth"), two_scale=True), 3)
+    for encoder in (two.encoder, two.encoder_small):
+        for key, value in encoder.state_dict().items():
+            np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
+
+
+def test_cli_trains_and_evaluates_the_two_scale_variant(tmp_path, capsys):
+    out = tmp_path / "two"
+    args = ["--data", "shapes", "--iters", "3", "--out", str(out), "--two-scale", "--optimizer", "adam",
+            "--lr", "1e-3"] + TINY
+    assert cli.main(["train"] + args) == 0
+    meta = load_npz_meta(out / "checkpoint.npz")
+    assert meta["config"]["two_scale"] is True and meta["iteration"] == 3
+    weights = load_npz(out / "checkpoint.npz")
+    assert "model.encoder_small.layer4.1.conv2.weight" in weights and "model.adapt_small2.weight" in weights
+    losses = [float(line.split(",")[1]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--eval-size", "64"]) == 0
+    assert "val mIoU" in capsys.readouterr().out
+    # a one-scale run refuses to resume it
+    assert cli.main(["train"] + [a for a in args if a != "--two-scale"] + ["--resume"]) == 2
+    assert "two_scale" in capsys.readouterr().err

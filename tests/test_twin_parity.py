@@ -72,6 +72,16 @@ def test_twin_parity_variants(cascade, improved_crp):
     print(cascade, improved_crp, compare(model.astype(np.float64), seed=cascade))
 
 
+def test_twin_parity_two_scale():
+    model = RefineNet(encoder="resnet18", two_scale=True, n_crp=2, **SMALL).astype(np.float64)
+    print("two_scale", compare(model, seed=5))
+
+
+def test_twin_parity_two_scale_batch_statistics_no_long_range():
+    model = RefineNet(encoder="resnet18", two_scale=True, freeze_bn=False, long_range=False, n_crp=2, **SMALL)
+    print("two_scale, BN train, no long range", compare(model.astype(np.float64).train(), seed=6))
+
+
 def test_twin_parity_with_batch_statistics_and_ablations():
     model = RefineNet(encoder="resnet18", freeze_bn=False, long_range=False, crp_relu=False, **SMALL)
     print(compare(model.astype(np.float64).train(), seed=3))
@@ -124,9 +134,11 @@ def torch_conv_flops(twin, shape):
     return total
 
 
-@pytest.mark.parametrize("encoder,cascade", [("resnet18", 4), ("resnet50", 4), ("resnet50", 2), ("resnet18", 1)])
-def test_counts_match_the_twin(encoder, cascade):
-    model = RefineNet(encoder=encoder, cascade=cascade, **SMALL)
+@pytest.mark.parametrize("encoder,cascade,two_scale", [("resnet18", 4, False), ("resnet50", 4, False),
+                                                       ("resnet50", 2, False), ("resnet18", 1, False),
+                                                       ("resnet50", 4, True)])
+def test_counts_match_the_twin(encoder, cascade, two_scale):
+    model = RefineNet(encoder=encoder, cascade=cascade, two_scale=two_scale, **SMALL)
     twin = twin_from(model)
     assert count_parameters(model) == sum(p.numel() for p in twin.parameters())
     assert count_parameters(model, trainable_only=True) == sum(p.numel() for p in twin.parameters() if p.requires_grad)

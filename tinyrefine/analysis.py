@@ -24,6 +24,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .engine import Tensor
+from .models.refinenet import scaled_size
 
 
 @contextlib.contextmanager
@@ -97,7 +98,12 @@ def _forward_cut(model, images: Tensor, block: int, cut: Optional[str], caught: 
     """RefineNet's forward with the encoder written out, so that the output c_block can be handed
     detached to one of its two consumers: ``cut='encoder'`` detaches the input of layer_{block+1},
     ``cut='decoder'`` the input of adapt_block (None cuts nothing). The gradient at c_block lands in
-    ``caught``."""
+    ``caught``. For the 2-scale variant the cut is made in the 1.2x encoder."""
+    out_size, small = images.shape[2:], None
+    if getattr(model, "two_scale", False):
+        large_size, small_size = (scaled_size(out_size, s) for s in model.SCALES)
+        small = model.encoder_small(F.interpolate(images, size=small_size, align_corners=False))
+        images = F.interpolate(images, size=large_size, align_corners=False)
     enc = model.encoder
     x = enc.maxpool(enc.relu(enc.bn1(enc.conv1(images))))
     features = []
@@ -111,8 +117,8 @@ def _forward_cut(model, images: Tensor, block: int, cut: Optional[str], caught: 
                 x = x.detach()
             elif cut == "decoder":
                 features[-1] = x.detach()
-    logits = model.decode(features)
-    return F.interpolate(logits, size=images.shape[2:], align_corners=False)
+    logits = model.decode(features, small)
+    return F.interpolate(logits, size=out_size, align_corners=False)
 
 
 def encoder_gradient_paths(model, images, target, block: int = 1, ignore_index: int = 255) -> Dict[str, np.ndarray]:

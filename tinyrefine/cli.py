@@ -26,6 +26,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--n-crp", type=int, default=d["n_crp"], help="blocks in chained residual pooling")
     p.add_argument("--cascade", type=int, default=d["cascade"], choices=[1, 2, 4])
     p.add_argument("--improved-crp", action="store_true", default=d["improved_crp"])
+    p.add_argument("--two-scale", action="store_true", default=d["two_scale"],
+                   help="the paper's 2-scale variant: two encoders on the image at 1.2x and 0.6x (needs --cascade 4)")
     p.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=d["freeze_bn"],
                    help="train BatchNorm statistics (frozen by default, as in the paper)")
     p.add_argument("--crop", type=int, default=d["crop"])

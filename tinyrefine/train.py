@@ -42,6 +42,7 @@ class TrainConfig:
     n_crp: int = 4
     cascade: int = 4
     improved_crp: bool = False
+    two_scale: bool = False              # the paper's 2-scale variant (two encoders, at 1.2x and 0.6x)
     freeze_bn: bool = True
     crop: int = 256
     scale_min: float = 0.7               # random scale augmentation range (the paper's 0.7-1.3)
@@ -85,11 +86,13 @@ def build_datasets(config: TrainConfig):
 def build_model(config: TrainConfig, num_classes: int) -> RefineNet:
     model = RefineNet(num_classes, config.encoder, n_crp=config.n_crp, cascade=config.cascade,
                       freeze_bn=config.freeze_bn, improved_crp=config.improved_crp, features=config.features,
-                      encoder_width=config.encoder_width, seed=config.seed)
+                      encoder_width=config.encoder_width, two_scale=config.two_scale, seed=config.seed)
     if config.pretrained:
         weights = load_torch_checkpoint(config.pretrained)
         encoder_weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         model.encoder.load_state_dict(encoder_weights, strict=True)
+        if config.two_scale:      # both scales start from the same ImageNet weights
+            model.encoder_small.load_state_dict(encoder_weights, strict=True)
     return model.to(config.device)
 
 
@@ -226,9 +229,11 @@ def schedule_lr(optimizer) -> float:
 
 def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
     """Resuming with another model or data set would silently train something else."""
-    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "crop",
+    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale", "crop",
              "scale_min", "scale_max", "batch_size", "seed", "optimizer")
-    changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed if saved.get(k) != getattr(config, k)]
+    defaults = TrainConfig()        # a key missing from an older checkpoint had its default then
+    changed = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r} vs now {getattr(config, k)!r}"
+               for k in fixed if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
     if changed:
         raise ValueError("--resume with a different configuration: " + "; ".join(changed))
 

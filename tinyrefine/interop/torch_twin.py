@@ -182,13 +182,14 @@ class TorchRefineNet(nn.Module):
 
     def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
                  freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
-                 shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, seed: int = 0) -> None:
+                 shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, two_scale: bool = False,
+                 seed: int = 0) -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
-        if cascade not in (1, 2, 4):
-            raise ValueError(f"cascade must be 1, 2 or 4, got {cascade}")
-        self.cascade, self.long_range, self.freeze_bn = cascade, long_range, freeze_bn
+        if cascade not in (1, 2, 4) or (two_scale and cascade != 4):
+            raise ValueError(f"cascade must be 1, 2 or 4 (4 with two_scale), got {cascade}")
+        self.cascade, self.long_range, self.freeze_bn, self.two_scale = cascade, long_range, freeze_bn, two_scale
         self.encoder = ResNet(ENCODERS[encoder], encoder_width)
         c1, c2, c3, c4 = self.encoder.out_channels
         f, f2 = features, 2 * features
@@ -197,7 +198,16 @@ class TorchRefineNet(nn.Module):
         self.adapt3 = _conv(c3, f, 3, 1, 1)
         self.adapt4 = _conv(c4, f2, 3, 1, 1)
         block = dict(n_crp=n_crp, improved_crp=improved_crp, shortcuts=shortcuts, crp_relu=crp_relu)
-        if cascade == 4:
+        if two_scale:
+            self.encoder_small = ResNet(ENCODERS[encoder], encoder_width)
+            self.adapt_small2 = _conv(c2, f, 3, 1, 1)
+            self.adapt_small3 = _conv(c3, f2, 3, 1, 1)
+            self.adapt_small4 = _conv(c4, f2, 3, 1, 1)
+            self.refine4 = RefineNetBlock([f2, f2, f2], f2, **block)
+            self.refine3 = RefineNetBlock([f2, f, f], f, **block)
+            self.refine2 = RefineNetBlock([f, f], f, **block)
+            self.refine1 = RefineNetBlock([f, f], f, **block)
+        elif cascade == 4:
             self.refine4 = RefineNetBlock([f2], f2, **block)
             self.refine3 = RefineNetBlock([f2, f], f, **block)
             self.refine2 = RefineNetBlock([f, f], f, **block)
@@ -209,7 +219,7 @@ class TorchRefineNet(nn.Module):
             self.refine1 = RefineNetBlock([f2, f, f, f], f, **block)
         self.head = Head(f, num_classes, shortcuts)
         if freeze_bn:
-            for m in self.encoder.modules():
+            for m in self._encoder_modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.requires_grad_(False)
                     m.bias.requires_grad_(False)
@@ -218,17 +228,30 @@ class TorchRefineNet(nn.Module):
     def train(self, mode: bool = True) -> "TorchRefineNet":
         super().train(mode)
         if self.freeze_bn:  # frozen BN: running statistics always, as ours
-            for m in self.encoder.modules():
+            for m in self._encoder_modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
 
-    def decode(self, features: List[torch.Tensor]) -> torch.Tensor:
+    def _encoder_modules(self):
+        yield from self.encoder.modules()
+        if self.two_scale:
+            yield from self.encoder_small.modules()
+
+    def decode(self, features: List[torch.Tensor], small: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         c1, c2, c3, c4 = features
         if not self.long_range:
             c1, c2, c3 = c1.detach(), c2.detach(), c3.detach()
         a1, a2, a3, a4 = self.adapt1(c1), self.adapt2(c2), self.adapt3(c3), self.adapt4(c4)
-        if self.cascade == 4:
+        if self.two_scale:
+            _, s2, s3, s4 = small
+            if not self.long_range:
+                s2, s3 = s2.detach(), s3.detach()
+            x = self.refine4(a4, self.adapt_small3(s3), self.adapt_small4(s4))
+            x = self.refine3(x, a3, self.adapt_small2(s2))
+            x = self.refine2(x, a2)
+            x = self.refine1(x, a1)
+        elif self.cascade == 4:
             x = self.refine4(a4)
             x = self.refine3(x, a3)
             x = self.refine2(x, a2)
@@ -241,7 +264,14 @@ class TorchRefineNet(nn.Module):
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decode(self.encoder(x))
+        if self.two_scale:
+            h, w = x.shape[2:]
+            large, small = [tuple(int(np.floor(v * s + 0.5)) for v in (h, w)) for s in (1.2, 0.6)]
+            def scaled(size):
+                return TF.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            logits = self.decode(self.encoder(scaled(large)), self.encoder_small(scaled(small)))
+        else:
+            logits = self.decode(self.encoder(x))
         return TF.interpolate(logits, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
 
 

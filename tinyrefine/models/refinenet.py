@@ -15,7 +15,7 @@ identities, for the gradient-flow notebook).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -124,22 +124,32 @@ class RefineNet(Module):
     cascade=4 (the paper's default, Fig. 2c):  refine4(adapt4) -> refine3(., adapt3) -> refine2 -> refine1
     cascade=2:  refine2(adapt4, adapt3) -> refine1(., adapt2, adapt1)       (the paper's 2-cascaded variant)
     cascade=1:  refine1(adapt4, adapt3, adapt2, adapt1)                     (a single RefineNet block)
+    two_scale=True (the paper's 4-cascaded 2-scale RefineNet, Fig. 7c): ``encoder`` sees the image
+    scaled by 1.2 and an independent ``encoder_small`` sees it scaled by 0.6; 7 of their 8 outputs
+    (all but the small 1/4 map) enter the cascade, each beside the large map of (nearly) the same size:
+        refine4(adapt4, adapt_small3, adapt_small4) -> refine3(., adapt3, adapt_small2) -> refine2 -> refine1
     ``features`` is the decoder width (256 in the paper; refine4 works at 2x that).
     """
 
+    SCALES = (1.2, 0.6)   # the two input scales of the 2-scale variant
+
     def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
                  freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
-                 shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, seed: int = 0) -> None:
+                 shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, two_scale: bool = False,
+                 seed: int = 0) -> None:
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
         if cascade not in (1, 2, 4):
             raise ValueError(f"cascade must be 1, 2 or 4, got {cascade}")
+        if two_scale and cascade != 4:
+            raise ValueError(f"the 2-scale variant is 4-cascaded (the paper's Fig. 7c); got cascade={cascade}")
         rng = np.random.default_rng(seed)
         # the constructor arguments, so a twin or a checkpoint can rebuild the same network
         self.config = dict(num_classes=num_classes, encoder=encoder, n_crp=n_crp, cascade=cascade, freeze_bn=freeze_bn,
                            improved_crp=improved_crp, features=features, encoder_width=encoder_width,
-                           shortcuts=shortcuts, long_range=long_range, crp_relu=crp_relu, seed=seed)
-        self.num_classes, self.cascade, self.long_range = num_classes, cascade, long_range
+                           shortcuts=shortcuts, long_range=long_range, crp_relu=crp_relu, two_scale=two_scale,
+                           seed=seed)
+        self.num_classes, self.cascade, self.long_range, self.two_scale = num_classes, cascade, long_range, two_scale
         # optional: called as feature_hook([c1, c2, c3, c4]) on the encoder outputs in forward
         # (gradient-flow analysis registers Tensor hooks there); a returned list replaces them
         self.feature_hook = None
@@ -152,7 +162,17 @@ class RefineNet(Module):
         self.adapt3 = Conv2d(c3, f, 3, 1, 1, bias=False, rng=rng)
         self.adapt4 = Conv2d(c4, f2, 3, 1, 1, bias=False, rng=rng)
         block = dict(n_crp=n_crp, improved_crp=improved_crp, shortcuts=shortcuts, crp_relu=crp_relu, rng=rng)
-        if cascade == 4:
+        if two_scale:
+            self.encoder_small = ResNet(ENCODERS[encoder], freeze_bn=freeze_bn, width=encoder_width, rng=rng)
+            # every input of refine4 is adapted to 2f, as adapt4 is
+            self.adapt_small2 = Conv2d(c2, f, 3, 1, 1, bias=False, rng=rng)
+            self.adapt_small3 = Conv2d(c3, f2, 3, 1, 1, bias=False, rng=rng)
+            self.adapt_small4 = Conv2d(c4, f2, 3, 1, 1, bias=False, rng=rng)
+            self.refine4 = RefineNetBlock([f2, f2, f2], f2, **block)              # 1.2/32 (= 0.6/16)
+            self.refine3 = RefineNetBlock([f2, f, f], f, **block)                 # 1.2/16 (= 0.6/8)
+            self.refine2 = RefineNetBlock([f, f], f, **block)                     # 1.2/8
+            self.refine1 = RefineNetBlock([f, f], f, **block)                     # 1.2/4
+        elif cascade == 4:
             self.refine4 = RefineNetBlock([f2], f2, **block)                      # 1/32
             self.refine3 = RefineNetBlock([f2, f], f, **block)                    # 1/16
             self.refine2 = RefineNetBlock([f, f], f, **block)                     # 1/8
@@ -165,16 +185,26 @@ class RefineNet(Module):
         self.head = Head(f, num_classes, shortcuts, rng)
         if freeze_bn:
             self.encoder.freeze_bn()
+            if two_scale:
+                self.encoder_small.freeze_bn()
 
-    def decode(self, features: List[Tensor]) -> Tensor:
-        """Encoder features [c1..c4] -> logits at 1/4 resolution."""
+    def decode(self, features: List[Tensor], small: Optional[List[Tensor]] = None) -> Tensor:
+        """Encoder features [c1..c4] (and, two_scale, the small encoder's) -> logits at 1/4 resolution."""
         c1, c2, c3, c4 = features
         if not self.long_range:
             # ablation: cut the gradient of the long-range connections, so the encoder
             # learns only through layer4 (the forward pass is unchanged)
             c1, c2, c3 = c1.detach(), c2.detach(), c3.detach()
         a1, a2, a3, a4 = self.adapt1(c1), self.adapt2(c2), self.adapt3(c3), self.adapt4(c4)
-        if self.cascade == 4:
+        if self.two_scale:
+            _, s2, s3, s4 = small                       # the small 1/4 map is not used
+            if not self.long_range:
+                s2, s3 = s2.detach(), s3.detach()
+            x = self.refine4(a4, self.adapt_small3(s3), self.adapt_small4(s4))   # (N, 512, 1.2H/32, ..)
+            x = self.refine3(x, a3, self.adapt_small2(s2))                       # (N, 256, 1.2H/16, ..)
+            x = self.refine2(x, a2)                                              # (N, 256, 1.2H/8,  ..)
+            x = self.refine1(x, a1)                                              # (N, 256, 1.2H/4,  ..)
+        elif self.cascade == 4:
             x = self.refine4(a4)                # (N, 512, H/32, W/32)
             x = self.refine3(x, a3)             # (N, 256, H/16, W/16)
             x = self.refine2(x, a2)             # (N, 256, H/8,  W/8)
@@ -191,9 +221,23 @@ class RefineNet(Module):
             raise ValueError(f"RefineNet expects images of shape (N, 3, H, W), got {x.shape}")
         if min(x.shape[2:]) < 32:
             raise ValueError(f"RefineNet needs images of at least 32x32 (the encoder divides by 32), got {x.shape}")
-        features = self.encoder(x)                                # [c1, c2, c3, c4]
+        small = None
+        if self.two_scale:
+            large_size, small_size = (scaled_size(x.shape[2:], s) for s in self.SCALES)
+            if min(small_size) < 32:
+                raise ValueError(f"the 2-scale RefineNet needs images of at least 53x53 (its 0.6x copy must be "
+                                 f"32x32 or more), got {x.shape}")
+            small = self.encoder_small(F.interpolate(x, size=small_size, align_corners=False))
+            features = self.encoder(F.interpolate(x, size=large_size, align_corners=False))
+        else:
+            features = self.encoder(x)                            # [c1, c2, c3, c4]
         if self.feature_hook is not None:
             features = self.feature_hook(features) or features
-        logits = self.decode(features)                            # (N, classes, H/4, W/4)
+        logits = self.decode(features, small)                     # (N, classes, H/4, W/4)
         return F.interpolate(logits, size=x.shape[2:], align_corners=False)
+
+
+def scaled_size(size: Sequence[int], scale: float) -> Tuple[int, int]:
+    """(H, W) times ``scale``, rounded half up (the twin uses the same sizes)."""
+    return tuple(int(np.floor(v * scale + 0.5)) for v in size)
 

@@ -145,3 +145,20 @@ def test_cli_trains_and_evaluates_the_two_scale_variant(tmp_path, capsys):
     # a one-scale run refuses to resume it
     assert cli.main(["train"] + [a for a in args if a != "--two-scale"] + ["--resume"]) == 2
     assert "two_scale" in capsys.readouterr().err
+
+
+def test_cli_demo_trains_evaluates_and_says_where_its_outputs_are(tmp_path, capsys):
+    """The README's run command, cut to 3 iterations: the demo's own model, data and outputs."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--iters", "3", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    meta = load_npz_meta(out / "checkpoint.npz")
+    assert meta["iteration"] == 3
+    assert meta["config"]["data"] == "shapes" and meta["config"]["encoder"] == "resnet18"
+    assert meta["config"]["optimizer"] == cli.DEMO["optimizer"] and meta["config"]["lr"] == cli.DEMO["lr"]
+    for name in ("log.csv", "history.json", "curves.png", "val_0.png", "val_3.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "log.csv, history.json, curves.png" in printed
+    assert str(out / "val_0.png") in printed and "val mIoU" in printed
+    miou = float(printed.split("val mIoU ")[1].split(",")[0])
+    assert 0.0 <= miou <= 1.0

@@ -22,38 +22,33 @@ def _run(opt_cls, kwargs, steps=5, seed=0):
     return params, grads, opt
 
 
+def _run_torch(torch, opt_name, kwargs, grads, seed=0):
+    """The same start and gradients through ``torch.optim.<opt_name>``; returns the final parameters."""
+    tparams = [torch.tensor(p.data).requires_grad_(True) for p in _params(np.random.default_rng(seed))]
+    opt = getattr(torch.optim, opt_name)(tparams, **kwargs)
+    for step in grads:
+        for t, g in zip(tparams, step):
+            t.grad = torch.tensor(g)
+        opt.step()
+    return [t.detach().numpy() for t in tparams]
+
+
 @pytest.mark.parametrize("kwargs", [dict(lr=0.1, momentum=0.9, weight_decay=0.0),
                                     dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
                                     dict(lr=0.1, momentum=0.0, weight_decay=0.0)])
 def test_sgd_matches_torch(kwargs):
     torch = pytest.importorskip("torch")
     params, grads, _ = _run(SGD, kwargs)
-    rng = np.random.default_rng(0)
-    tparams = [torch.tensor(p.data) for p in _params(rng)]
-    for t in tparams:
-        t.requires_grad_(True)
-    opt = torch.optim.SGD(tparams, **kwargs)
-    for step in grads:
-        for t, g in zip(tparams, step):
-            t.grad = torch.tensor(g)
-        opt.step()
-    for p, t in zip(params, tparams):
-        np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for p, t in zip(params, _run_torch(torch, "SGD", kwargs, grads)):
+        np.testing.assert_allclose(p.data, t, rtol=1e-12, atol=1e-12)
 
 
 def test_adam_matches_torch():
     torch = pytest.importorskip("torch")
     kwargs = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-3)
     params, grads, _ = _run(Adam, kwargs)
-    rng = np.random.default_rng(0)
-    tparams = [torch.tensor(p.data).requires_grad_(True) for p in _params(rng)]
-    opt = torch.optim.Adam(tparams, **kwargs)
-    for step in grads:
-        for t, g in zip(tparams, step):
-            t.grad = torch.tensor(g)
-        opt.step()
-    for p, t in zip(params, tparams):
-        np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for p, t in zip(params, _run_torch(torch, "Adam", kwargs, grads)):
+        np.testing.assert_allclose(p.data, t, rtol=1e-10, atol=1e-12)
 
 
 def test_sgd_first_step_is_plain_gradient_descent():

@@ -24,7 +24,6 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .engine import Tensor
-from .models.refinenet import scaled_size
 
 
 @contextlib.contextmanager
@@ -99,11 +98,8 @@ def _forward_cut(model, images: Tensor, block: int, cut: Optional[str], caught: 
     detached to one of its two consumers: ``cut='encoder'`` detaches the input of layer_{block+1},
     ``cut='decoder'`` the input of adapt_block (None cuts nothing). The gradient at c_block lands in
     ``caught``. For the 2-scale variant the cut is made in the 1.2x encoder."""
-    out_size, small = images.shape[2:], None
-    if getattr(model, "two_scale", False):
-        large_size, small_size = (scaled_size(out_size, s) for s in model.SCALES)
-        small = model.encoder_small(F.interpolate(images, size=small_size, align_corners=False))
-        images = F.interpolate(images, size=large_size, align_corners=False)
+    out_size = images.shape[2:]
+    images, small = model.scale_inputs(images)
     enc = model.encoder
     x = enc.maxpool(enc.relu(enc.bn1(enc.conv1(images))))
     features = []

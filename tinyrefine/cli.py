@@ -111,8 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"val mIoU {val['mean_iou']:.4f}, pixel accuracy {val['pixel_acc']:.4f}")
         print(f"checkpoint: {result['checkpoint']}\nlogs and curves: {config.out}/log.csv, history.json, curves.png")
         if args.command == "demo":
-            _, val_set, _ = T.build_datasets(config)
-            paths = T.save_val_predictions(config, val_set, n=4)
+            paths = T.save_val_predictions(config, result["model"], result["val_set"], n=4)
             print("predictions: " + ", ".join(paths))
         return 0
     model, meta = T.load_model(args.checkpoint, args.device)

@@ -142,11 +142,8 @@ class PolyLR:
 
 
 def encoder_decoder_groups(model, lr: float, encoder_lr: Optional[float] = None, weight_decay: float = 0.0):
-    """Two parameter groups: the encoder(s) at ``encoder_lr`` (default lr/10), the rest at ``lr``.
-
-    The 2-scale RefineNet's ``encoder_small`` counts as encoder."""
-    encoders = [model.encoder] + ([model.encoder_small] if getattr(model, "encoder_small", None) is not None else [])
-    encoder_ids = {id(p) for e in encoders for p in e.parameters()}
+    """Two parameter groups: ``model.encoders()`` at ``encoder_lr`` (default lr/10), the rest at ``lr``."""
+    encoder_ids = {id(p) for encoder in model.encoders() for p in encoder.parameters()}
     encoder = [p for p in model.parameters() if id(p) in encoder_ids]
     decoder = [p for p in model.parameters() if id(p) not in encoder_ids]
     return [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr / 10, "weight_decay": weight_decay},

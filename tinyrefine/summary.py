@@ -16,6 +16,7 @@ import numpy as np
 
 from . import backend
 from .engine import Tensor, no_grad
+from .functional import _out_size, _pair
 from .nn import Conv2d, Module
 
 
@@ -47,9 +48,9 @@ def record_convs(model: Module, dry_run: bool = False) -> Iterator[List[Tuple[st
 
         def forward(x: Tensor) -> Tensor:
             if dry_run:
-                from .functional import _out_size
                 N, _, H, W = x.shape
-                (kh, kw), s, p, d = conv.kernel_size, _two(conv.stride), _two(conv.padding), _two(conv.dilation)
+                (kh, kw) = conv.kernel_size
+                s, p, d = _pair(conv.stride, "stride", 1), _pair(conv.padding, "padding", 0), _pair(conv.dilation, "dilation", 1)
                 shape = (N, conv.out_channels, _out_size(H, kh, s[0], p[0], d[0]), _out_size(W, kw, s[1], p[1], d[1]))
                 y = Tensor(backend.get_array_module(x.data).zeros(shape, dtype=x.dtype))
             else:
@@ -67,10 +68,6 @@ def record_convs(model: Module, dry_run: bool = False) -> Iterator[List[Tuple[st
     finally:
         for module in wrapped:
             vars(module).pop("forward", None)
-
-
-def _two(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def conv_flops_by_layer(model: Module, input_shape: Sequence[int] = (1, 3, 512, 512),

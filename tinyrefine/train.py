@@ -90,9 +90,8 @@ def build_model(config: TrainConfig, num_classes: int) -> RefineNet:
     if config.pretrained:
         weights = load_torch_checkpoint(config.pretrained)
         encoder_weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        model.encoder.load_state_dict(encoder_weights, strict=True)
-        if config.two_scale:      # both scales start from the same ImageNet weights
-            model.encoder_small.load_state_dict(encoder_weights, strict=True)
+        for encoder in model.encoders():      # the 2-scale variant: both start from the same weights
+            encoder.load_state_dict(encoder_weights, strict=True)
     return model.to(config.device)
 
 
@@ -135,7 +134,8 @@ def load_model(path: str, device: str = "cpu") -> Tuple[RefineNet, Dict[str, Any
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           stop_after: Optional[int] = None) -> Dict[str, Any]:
-    """Train, evaluate at the end, and return a summary (paths, final loss, mIoU).
+    """Train, evaluate at the end, and return a summary (paths, final loss, mIoU, the trained model
+    and the validation set).
 
     ``stop_after`` ends the run early after that many iterations *of this call*
     (used to test interruption and resume)."""
@@ -220,7 +220,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     save_checkpoint(checkpoint, model, optimizer, meta(config.iters))
     write_logs(out, history)
     return {"checkpoint": str(checkpoint), "iteration": config.iters, "history": history, "val": metrics,
-            "out": str(out)}
+            "out": str(out), "model": model, "val_set": val_set}
 
 
 def schedule_lr(optimizer) -> float:
@@ -328,11 +328,11 @@ def predict_file(model, image_path: str, out_dir: str, scales: Sequence[float] =
     return {"mask": str(mask_path), "overlay": str(overlay_path)}
 
 
-def save_val_predictions(config: TrainConfig, val_set, n: int = 4) -> List[str]:
-    """Overlays (image | truth | prediction) for the first ``n`` validation images of a finished run."""
+def save_val_predictions(config: TrainConfig, model, val_set, n: int = 4) -> List[str]:
+    """Overlays (image | truth | prediction) for the first ``n`` validation images, written to ``config.out``."""
     from PIL import Image
     from .viz import overlay
-    model, _ = load_model(str(Path(config.out) / "checkpoint.npz"), config.device)
+    model.eval()
     transform = eval_transform(config.eval_size)
     paths = []
     for i in range(min(n, len(val_set))):

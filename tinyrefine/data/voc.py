@@ -68,30 +68,28 @@ def read_split(path: PathLike) -> List[str]:
     return ids
 
 
-def load_image(path: PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB; unreadable files raise ValueError naming the file."""
+def _read_pixels(path: PathLike, kind: str, convert: Optional[str] = None) -> Tuple[Path, str, np.ndarray]:
+    """(path, PIL mode on disk, pixels, converted to ``convert`` if given); a missing or
+    undecodable file raises an error naming the file and its ``kind`` ('image' or 'mask')."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise FileNotFoundError(f"{kind} file not found: {path}")
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # grey or CMYK JPEGs become RGB too
+            return path, image.mode, np.array(image.convert(convert) if convert else image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         # PIL's UnidentifiedImageError and "image file is truncated" are both OSErrors
-        raise ValueError(f"cannot decode image {path}: {error}") from error
+        raise ValueError(f"cannot decode {kind} {path}: {error}") from error
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB; unreadable files raise ValueError naming the file."""
+    return _read_pixels(path, "image", convert="RGB")[2]  # grey or CMYK JPEGs become RGB too
 
 
 def load_mask(path: PathLike) -> np.ndarray:
     """A label PNG as (H, W) uint8 class indices, read *without* colour conversion."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-            mask = np.array(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot decode mask {path}: {error}") from error
+    path, mode, mask = _read_pixels(path, "mask")
     if mode not in ("P", "L", "I", "I;16"):
         raise ValueError(f"mask {path} has PIL mode {mode!r}: expected a single-channel palette ('P') or "
                          f"grayscale ('L') PNG of class indices (was it saved as a colour image?)")

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from tinyrefine.backend import as_numpy
+from tinyrefine.models.refinenet import RefineNet, scaled_size
+
 DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3]),
           101: ("bottleneck", [3, 4, 23, 3]), 152: ("bottleneck", [3, 8, 36, 3])}
 ENCODERS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -265,8 +268,7 @@ class TorchRefineNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.two_scale:
-            h, w = x.shape[2:]
-            large, small = [tuple(int(np.floor(v * s + 0.5)) for v in (h, w)) for s in (1.2, 0.6)]
+            large, small = (scaled_size(tuple(x.shape[2:]), s) for s in RefineNet.SCALES)
             def scaled(size):
                 return TF.interpolate(x, size=size, mode="bilinear", align_corners=False)
             logits = self.decode(self.encoder(scaled(large)), self.encoder_small(scaled(small)))
@@ -288,13 +290,10 @@ def twin_from(model, device: str = "cpu") -> TorchRefineNet:
     state = model.state_dict()
     dtype = next(a.dtype for a in state.values() if a.dtype.kind == "f")
     twin = TorchRefineNet(**config).to(dtype=torch.float64 if dtype == np.float64 else torch.float32)
-    twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(_host(v))) for k, v in state.items()}, strict=True)
+    twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(as_numpy(v))) for k, v in state.items()}, strict=True)
     twin.train(bool(getattr(model, "training", True)))
     return twin.to(device)
 
-
-def _host(array) -> np.ndarray:
-    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else array
 
 
 def sgd_side_by_side(model, twin: nn.Module, batches, lr: float = 0.01, momentum: float = 0.9,

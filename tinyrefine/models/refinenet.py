@@ -183,10 +183,10 @@ class RefineNet(Module):
         else:
             self.refine1 = RefineNetBlock([f2, f, f, f], f, **block)              # 1/4
         self.head = Head(f, num_classes, shortcuts, rng)
-        if freeze_bn:
-            self.encoder.freeze_bn()
-            if two_scale:
-                self.encoder_small.freeze_bn()
+
+    def encoders(self) -> List[ResNet]:
+        """The ResNet encoder(s): ``[encoder]``, or ``[encoder, encoder_small]`` for two_scale."""
+        return [self.encoder, self.encoder_small] if self.two_scale else [self.encoder]
 
     def decode(self, features: List[Tensor], small: Optional[List[Tensor]] = None) -> Tensor:
         """Encoder features [c1..c4] (and, two_scale, the small encoder's) -> logits at 1/4 resolution."""
@@ -216,21 +216,26 @@ class RefineNet(Module):
             x = self.refine1(a4, a3, a2, a1)    # (N, 256, H/4,  W/4)
         return self.head(x)                     # (N, classes, H/4, W/4)
 
+    def scale_inputs(self, x: Tensor) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """(input of ``encoder``, outputs of ``encoder_small`` or None).
+
+        One scale: (x, None). two_scale: x resized by 1.2, and the small encoder run on x resized by 0.6."""
+        if not self.two_scale:
+            return x, None
+        large_size, small_size = (scaled_size(x.shape[2:], s) for s in self.SCALES)
+        if min(small_size) < 32:
+            raise ValueError(f"the 2-scale RefineNet needs images of at least 53x53 (its 0.6x copy must be "
+                             f"32x32 or more), got {x.shape}")
+        small = self.encoder_small(F.interpolate(x, size=small_size, align_corners=False))
+        return F.interpolate(x, size=large_size, align_corners=False), small
+
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"RefineNet expects images of shape (N, 3, H, W), got {x.shape}")
         if min(x.shape[2:]) < 32:
             raise ValueError(f"RefineNet needs images of at least 32x32 (the encoder divides by 32), got {x.shape}")
-        small = None
-        if self.two_scale:
-            large_size, small_size = (scaled_size(x.shape[2:], s) for s in self.SCALES)
-            if min(small_size) < 32:
-                raise ValueError(f"the 2-scale RefineNet needs images of at least 53x53 (its 0.6x copy must be "
-                                 f"32x32 or more), got {x.shape}")
-            small = self.encoder_small(F.interpolate(x, size=small_size, align_corners=False))
-            features = self.encoder(F.interpolate(x, size=large_size, align_corners=False))
-        else:
-            features = self.encoder(x)                            # [c1, c2, c3, c4]
+        image, small = self.scale_inputs(x)
+        features = self.encoder(image)                            # [c1, c2, c3, c4]
         if self.feature_hook is not None:
             features = self.feature_hook(features) or features
         logits = self.decode(features, small)                     # (N, classes, H/4, W/4)

@@ -1,6 +1,8 @@
-"""The CUDA kernels against their NumPy twins (forward and backward), on the GPU machine only.
+"""The CUDA kernels against their NumPy twins (forward and backward), on a GPU or under the CPU
+emulator of CuPy (../shared/tools/fakecupy first on PYTHONPATH, as .ci/run does).
 
-float64 must agree to 1e-10 (relative), float32 to 1e-4; max-pool's tie rule exactly.
+float64 must agree to 1e-10 (relative), float32 to 1e-4; max-pool's tie and NaN rules exactly.
+Every kernel also gets non-contiguous inputs (``strided``), since a kernel reads dense memory.
 """
 import numpy as np
 import pytest
@@ -18,8 +20,13 @@ TOL = {np.float64: 1e-10, np.float32: 1e-4}
 
 
 def rel_err(a, b) -> float:
+    """Largest difference relative to b's largest value; NaN must sit at the same places in both."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
+    nan = np.isnan(b)
+    if (np.isnan(a) != nan).any():
+        return np.inf
+    a, b = a[~nan], b[~nan]
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) if a.size else 0.0
 
 
@@ -31,20 +38,39 @@ def randn(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
-def both(fn, arrays, dtype=np.float64, grads=None, seed=0, upstream=None, tol=None):
+def strided(a):
+    """``a`` on the device as a view that is not C-contiguous: every other column of a wider array
+    (for 4-D: also with H and W swapped in memory), so a kernel that reads it as dense memory fails."""
+    a = np.asarray(a)
+    if a.ndim == 4:  # transposed storage, then a column stride of 2
+        wide = np.zeros(a.shape[:2] + (2 * a.shape[3], a.shape[2]), a.dtype)
+        wide[:, :, ::2] = a.swapaxes(2, 3)
+        out = cp.asarray(wide)[:, :, ::2].swapaxes(2, 3)
+    else:
+        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        wide[..., ::2] = a
+        out = cp.asarray(wide)[..., ::2]
+    assert a.size <= 1 or not out.flags.c_contiguous
+    np.testing.assert_array_equal(host(out), a)
+    return out
+
+
+def both(fn, arrays, dtype=np.float64, grads=None, seed=0, upstream=None, tol=None, to_gpu=None):
     """Run ``fn`` on CPU tensors and on CUDA tensors made from the same arrays, backward with the same
-    upstream gradient; compare the outputs and every gradient. Returns (cpu tensors, cuda tensors, y_cpu, y_gpu)."""
+    upstream gradient; compare the outputs and every gradient. ``to_gpu`` makes the device arrays
+    (``strided`` for non-contiguous inputs and upstream gradient). Returns (cpu tensors, cuda tensors, y_cpu, y_gpu)."""
     tol = TOL[dtype] if tol is None else tol
+    to_gpu = cp.asarray if to_gpu is None else to_gpu
     grads = [True] * len(arrays) if grads is None else grads
     cpu = [tr.Tensor(np.array(a, dtype=dtype), requires_grad=g) for a, g in zip(arrays, grads)]
-    gpu = [tr.Tensor(cp.asarray(np.array(a, dtype=dtype)), requires_grad=g) for a, g in zip(arrays, grads)]
+    gpu = [tr.Tensor(to_gpu(np.array(a, dtype=dtype)), requires_grad=g) for a, g in zip(arrays, grads)]
     y_cpu, y_gpu = fn(*cpu), fn(*gpu)
     assert y_gpu.device == "cuda" and y_cpu.device == "cpu"
     assert y_gpu.dtype == y_cpu.dtype == dtype
     assert rel_err(host(y_gpu.data), y_cpu.data) <= tol
     u = np.random.default_rng(seed).standard_normal(y_cpu.shape) if upstream is None else upstream
     y_cpu.backward(u.astype(dtype))
-    y_gpu.backward(cp.asarray(u.astype(dtype)))
+    y_gpu.backward(to_gpu(u.astype(dtype)))
     for a, b, g in zip(cpu, gpu, grads):
         if g:
             assert isinstance(b.grad, cp.ndarray) and b.grad.dtype == dtype
@@ -269,3 +295,192 @@ def test_python_scalars_follow_a_cuda_tensor():
     x = tr.Tensor(randn(2, 3).astype(np.float32)).to("cuda")
     y = 2.0 * x + 1
     assert y.device == "cuda" and y.dtype == np.float32
+
+
+# =========================================================================== numpy scalars (weak, any device)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scalar", [np.float32(2), np.float64(2), np.int64(2), np.int32(3), 2, 2.5], ids=repr)
+def test_numpy_scalars_follow_a_cuda_tensor(scalar, dtype):
+    x = tr.Tensor(cp.asarray(randn(2, 3).astype(dtype)), requires_grad=True)
+    for y in (x * scalar, scalar * x, x + scalar, scalar - x, x - scalar, x / scalar, scalar / x):
+        assert y.device == "cuda" and y.dtype == dtype
+    (x * scalar + np.float64(1)).sum().backward()
+    assert isinstance(x.grad, cp.ndarray) and x.grad.dtype == dtype
+    np.testing.assert_array_equal(host(x.grad), np.full((2, 3), float(scalar), dtype))
+
+
+# =========================================================================== max-pool: NaN as torch
+def test_max_pool2d_nan_anywhere_in_the_window_propagates():
+    x = np.array([[1, 5, 2], [np.nan, 3, 0], [4, 1, 2]], dtype=np.float32)[None, None]
+    cpu, gpu, y_cpu, y_gpu = both(lambda x: F.max_pool2d(x, 3, 1, 1), [x], np.float32, upstream=np.ones((1, 1, 3, 3)))
+    assert np.isnan(y_cpu.data).sum() == 6
+    np.testing.assert_array_equal(host(y_gpu.data), y_cpu.data)                 # NaN where the CPU has NaN
+    np.testing.assert_array_equal(host(gpu[0].grad), cpu[0].grad)               # the NaN got the 6 gradients
+    assert cpu[0].grad[0, 0, 1, 0] == 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, k, s, p", POOL_CASES)
+def test_max_pool2d_nans_follow_the_cpu_rule_exactly(shape, k, s, p, dtype):
+    rng = np.random.default_rng(40)
+    x = np.round(randn(*shape, seed=41))
+    x[rng.random(shape) < 0.15] = np.nan           # windows with no NaN, one NaN and several
+    u = rng.integers(1, 9, size=(shape[0], shape[1], (shape[2] + 2 * p - k) // s + 1,
+                                 (shape[3] + 2 * p - k) // s + 1)).astype(np.float64)
+    y_cpu = F.max_pool2d(tr.Tensor(x.astype(dtype)), k, s, p)
+    assert np.isnan(y_cpu.data).any() and not np.isnan(y_cpu.data).all()
+    cpu, gpu, y_cpu, y_gpu = both(lambda x: F.max_pool2d(x, k, s, p), [x], dtype, upstream=u)
+    np.testing.assert_array_equal(host(y_gpu.data), y_cpu.data)
+    np.testing.assert_array_equal(host(gpu[0].grad), cpu[0].grad)
+
+
+# =========================================================================== non-contiguous inputs, every kernel
+STRIDED_CASES = {
+    "conv3x3": lambda x, w: F.conv2d(x, w, padding=1),
+    "conv3x3 s2 d2": lambda x, w: F.conv2d(x, w, stride=2, padding=2, dilation=2),
+    "conv1x1": lambda x, w: F.conv2d(x, w[:, :, :1, :1]),
+    "max_pool": lambda x, w: F.max_pool2d(x, 3, 2, 1) * w.sum(),
+    "interpolate up": lambda x, w: F.interpolate(x, scale_factor=2.5) * w.sum(),
+    "interpolate down": lambda x, w: F.interpolate(x, size=(3, 2), align_corners=True) * w.sum(),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_kernels_take_non_contiguous_inputs_and_gradients(case, dtype):
+    """x, the weight and the upstream gradient are all strided views: forward and backward must match."""
+    both(STRIDED_CASES[case], [randn(2, 3, 7, 6, seed=42), randn(4, 3, 3, 3, seed=43)], dtype, to_gpu=strided)
+
+
+def test_im2col_col2im_take_non_contiguous_arrays():
+    x = randn(2, 3, 7, 6, seed=44)
+    geometry = ((3, 2), (2, 1), (1, 0), (1, 2))
+    cols = F.im2col(x, *geometry).copy()
+    np.testing.assert_array_equal(host(F.im2col(strided(x), *geometry)), cols)
+    c = randn(*cols.shape, seed=45)
+    c_gpu = strided(c.reshape(-1, cols.shape[-1])).reshape(cols.shape)     # reshape of a strided view: still strided
+    assert not c_gpu.flags.c_contiguous
+    back = F.col2im(c, x.shape, *geometry)
+    assert rel_err(host(F.col2im(c_gpu, x.shape, *geometry)), back) <= 1e-12
+
+
+def test_launch_refuses_non_contiguous_arrays():
+    """The guard every kernel goes through: a strided view would be read as dense memory (garbage)."""
+    kernel = tr.backend.raw_kernel(F._COL2IM_CUDA, "col2im", np.float64)
+    view = cp.zeros((4, 6))[:, ::2]
+    with pytest.raises(ValueError, match="argument 0 .* not C-contiguous"):
+        tr.backend.launch(kernel, 4, (view, cp.zeros(4), np.int64(4)))
+
+
+# =========================================================================== one batched GEMM per conv
+def test_conv2d_is_one_batched_gemm_each_way(monkeypatch):
+    calls = []
+    matmul = cp.matmul
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return matmul(*args, **kwargs)
+    monkeypatch.setattr(cp, "matmul", counting)
+    x, w = cuda_tensor(3, 2, 5, 4, seed=46), cuda_tensor(4, 2, 3, 3, seed=47)
+    y = F.conv2d(x, w, padding=1)
+    assert len(calls) == 1 and len(calls[0]) == 3            # forward: all 3 images in one call
+    y.backward(cp.ones(y.shape))
+    assert len(calls) == 3                                     # backward: one for dW, one for dcols
+
+
+# =========================================================================== interpolation tables on the device
+@pytest.mark.parametrize("n_in, n_out, align_corners, scale", [(5, 11, False, None), (5, 11, True, None),
+                                                                (9, 4, False, None), (7, 17, False, 2.5),
+                                                                (10, 6, False, 0.6), (4, 1, True, None), (1, 5, False, None)])
+def test_interpolation_tables_are_cached_on_the_device(n_in, n_out, align_corners, scale):
+    tables = F.interpolation_tables(n_in, n_out, align_corners, scale, np.dtype(np.float64), "cuda")
+    assert F.interpolation_tables(n_in, n_out, align_corners, scale, np.dtype(np.float64), "cuda") is tables
+    assert all(isinstance(t, cp.ndarray) and t.flags.c_contiguous for t in tables)
+    i0, i1, lam, A, lo, hi = (host(t) for t in tables)
+    np.testing.assert_array_equal(A, F.interpolation_matrix(n_in, n_out, align_corners, scale))
+    for h in range(n_in):  # the gather's run of outputs is exactly those that read h
+        readers = [o for o in range(n_out) if h in (i0[o], i1[o])]
+        assert list(range(lo[h], hi[h])) == readers, (h, lo[h], hi[h], readers)
+
+
+def test_a_second_forward_uploads_no_interpolation_taps(monkeypatch):
+    x = cuda_tensor(1, 2, 5, 4, seed=48)
+    F.interpolate(x, size=(13, 7)).sum().backward()
+    uploads, asarray = [], cp.asarray
+
+    def watched(a, *args, **kwargs):
+        if isinstance(a, np.ndarray):
+            uploads.append(a.shape)
+        return asarray(a, *args, **kwargs)
+    monkeypatch.setattr(cp, "asarray", watched)
+    F.interpolate(x, size=(13, 7)).sum().backward()
+    assert uploads == []
+
+
+# =========================================================================== deterministic backward
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_backward_gives_the_same_bits_every_run(dtype):
+    """No atomics: the gather sums in a fixed order (atomicAdd's order changes run to run)."""
+    x = tr.Tensor(cp.asarray(randn(2, 8, 24, 20, seed=49).astype(dtype)), requires_grad=True)
+    u = cp.asarray(randn(2, 8, 60, 50, seed=50).astype(dtype))
+    grads = []
+    for _ in range(3):
+        x.grad = None
+        F.interpolate(x, scale_factor=2.5).backward(u)
+        grads.append(host(x.grad))
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g.view(np.uint8), grads[0].view(np.uint8))
+
+
+# =========================================================================== the loss does not sync
+def test_cross_entropy_bad_label_on_gpu_gives_nan_not_a_sync():
+    """On CUDA a label outside 0..C-1 makes the loss NaN (the trainer stops on it); the CPU raises."""
+    t = np.zeros((2, 2, 2), dtype=np.int64)
+    t[0, 1, 1], t[1, 0, 0] = 7, 255
+    x = tr.Tensor(cp.asarray(randn(2, 3, 2, 2, seed=51)), requires_grad=True)
+    loss = F.cross_entropy(x, cp.asarray(t))
+    assert np.isnan(loss.item())
+    loss.backward()
+    g = host(x.grad)
+    assert np.isnan(g[0, :, 1, 1]).all() and np.isfinite(np.delete(g.reshape(2, 3, 4), 3, axis=2)[0]).all()
+    per_pixel = host(F.cross_entropy(x, cp.asarray(t), reduction="none").data)
+    assert np.isnan(per_pixel[0, 1, 1]) and np.isfinite(np.delete(per_pixel.ravel(), 3)).all()
+    with pytest.raises(ValueError, match=r"values \[7\] outside 0..2"):
+        F.cross_entropy(tr.Tensor(randn(2, 3, 2, 2)), t)
+
+
+# =========================================================================== state loading on the device
+def test_load_state_dict_on_gpu_copies_without_sharing():
+    from tinyrefine.nn import Conv2d
+    a, b = Conv2d(2, 3, 3).to("cuda"), Conv2d(2, 3, 3, rng=np.random.default_rng(5)).to("cuda")
+    state = b.state_dict()
+    a.load_state_dict(state)
+    assert isinstance(a.weight.data, cp.ndarray) and a.weight.data is not state["weight"]
+    np.testing.assert_array_equal(a.weight.numpy(), b.weight.numpy())
+    state["weight"] += 1                                   # the model does not alias the state dict
+    assert not np.array_equal(a.weight.numpy(), b.weight.numpy())
+    a.load_state_dict({k: host(v).astype(np.float64) for k, v in b.state_dict().items()})   # host, other dtype
+    assert a.weight.dtype == np.float32 and isinstance(a.weight.data, cp.ndarray)
+    np.testing.assert_array_equal(a.weight.numpy(), b.weight.numpy())
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_optimizer_resume_on_gpu_is_exact(optimizer):
+    """A resumed optimizer continues bit for bit; Adam's step counter comes back as a host int."""
+    from tinyrefine import optim
+    from tinyrefine.nn import Parameter
+
+    def run(steps, resume_at=None):
+        p = Parameter(cp.asarray(randn(3, 4, seed=52).astype(np.float32)))
+        opt = getattr(optim, optimizer)([p], lr=0.1)
+        for i in range(steps):
+            if i == resume_at:
+                saved = {k: host(v) for k, v in opt.state_dict().items()}   # as a checkpoint holds it
+                opt = getattr(optim, optimizer)([p], lr=0.1)
+                opt.load_state_dict(saved)
+                if optimizer == "Adam":
+                    assert type(opt.state[0]["t"]) is int and isinstance(opt.state[0]["m"], cp.ndarray)
+            p.grad = cp.asarray(randn(3, 4, seed=60 + i).astype(np.float32))
+            opt.step()
+        return host(p.data)
+    np.testing.assert_array_equal(run(5, resume_at=2), run(5))

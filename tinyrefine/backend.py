@@ -50,12 +50,15 @@ def check_device(device: str) -> str:
     return device
 
 
-def to_device(array: Any, device: str):
-    """Copy ``array`` to ``device`` ('cpu' or 'cuda'); no copy if it is already there."""
+def to_device(array: Any, device: str, copy: bool = False):
+    """Copy ``array`` to ``device`` ('cpu' or 'cuda'); if it is already there, the same array
+    unless ``copy`` (then a new one that shares no memory with ``array``)."""
     check_device(device)
     if device == "cpu":
-        return _cupy.asnumpy(array) if is_cupy_array(array) else np.asarray(array)
-    return _cupy.asarray(array)
+        out = _cupy.asnumpy(array) if is_cupy_array(array) else np.asarray(array)
+    else:
+        out = _cupy.asarray(array)
+    return out.copy() if copy and out is array else out
 
 
 def as_numpy(array: Any) -> np.ndarray:
@@ -86,7 +89,14 @@ def _c_type(dtype) -> str:
 
 
 def launch(kernel, n: int, args: tuple, block: int = 256) -> None:
-    """Launch a 1-D grid covering ``n`` threads."""
+    """Launch a 1-D grid covering ``n`` threads.
+
+    Every array argument must be C-contiguous: a kernel indexes raw pointers as dense
+    row-major memory, and a strided view would be read as garbage without any error."""
+    for i, a in enumerate(args):
+        if is_cupy_array(a) and not a.flags.c_contiguous:
+            raise ValueError(f"kernel {getattr(kernel, 'name', kernel)!r}: argument {i} (shape {a.shape}, strides "
+                             f"{a.strides}) is not C-contiguous; pass xp.ascontiguousarray(...) to the launch")
     if n == 0:
         return
     kernel(((n + block - 1) // block,), (block,), args)

@@ -97,7 +97,8 @@ class Tensor:
         return np.array(backend.as_numpy(self.data))
 
     def item(self) -> float:
-        return backend.as_numpy(self.data).item()
+        """The one value of a single-element tensor (on CUDA: one scalar read back, a sync)."""
+        return self.data.item()
 
     def to(self, device: str) -> "Tensor":
         """The same values on ``device``; a new leaf unless nothing moves."""
@@ -261,7 +262,7 @@ class Function:
         if _grad_enabled and any(t is not None and t.requires_grad for t in tensors):
             self._parents = [(t.creator if t.creator is not None else t) if (t is not None and t.requires_grad) else None
                              for t in tensors]
-            self._input_shapes = [a.shape for a in arrays]
+            self._input_shapes = [getattr(a, "shape", ()) for a in arrays]  # () for a Python scalar
             self._output_hooks = []
             self._released = False
             result.requires_grad = True
@@ -282,10 +283,13 @@ class Function:
 
 
 def _as_array(x, like: Optional[Tensor]):
-    """Python scalars and arrays in an op take the dtype and device of the Tensor beside them."""
+    """A number beside a Tensor stays a Python scalar; an array must be on the Tensor's device.
+
+    Python and NumPy scalars alike are *weak* (as in torch and NEP 50): ``f32 * np.int64(2)``
+    stays float32, and a scalar needs no device, so it is never uploaded to the GPU."""
+    if like is not None and (isinstance(x, (int, float)) or (isinstance(x, np.generic) and x.dtype.kind in "biuf")):
+        return x.item() if isinstance(x, np.generic) else x
     xp = backend.get_array_module(like.data) if like is not None else np
-    if isinstance(x, (int, float)) and like is not None and like.dtype.kind == "f":
-        return xp.asarray(x, dtype=like.dtype)
     if backend.is_cupy_array(x) != (xp is not np):
         raise ValueError(f"an array on {backend.device_of(x)} was mixed with a tensor on {like.device if like else 'cpu'}")
     return xp.asarray(x)
@@ -389,8 +393,8 @@ class MatMul(Function):
     """y = a @ b (2-D or batched);  da = gy @ b^T, db = a^T @ gy"""
 
     def forward(self, a, b):
-        if a.ndim < 2 or b.ndim < 2:
-            raise ValueError(f"matmul needs arrays of rank >= 2, got shapes {a.shape} and {b.shape}")
+        if getattr(a, "ndim", 0) < 2 or getattr(b, "ndim", 0) < 2:
+            raise ValueError(f"matmul needs arrays of rank >= 2, got shapes {np.shape(a)} and {np.shape(b)}")
         self.a, self.b = a, b
         return a @ b
 

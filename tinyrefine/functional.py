@@ -7,6 +7,7 @@ formula and the same tie rules.
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Tuple, Union
@@ -202,7 +203,8 @@ def _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation):
 class Conv2d(Function):
     """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
 
-    As one GEMM per image: y[n] = W (O, C*kh*kw) @ cols[n] (C*kh*kw, Ho*Wo).
+    As GEMMs: y[n] = W (O, C*kh*kw) @ cols[n] (C*kh*kw, Ho*Wo), one per image on the CPU,
+    one batched GEMM for all images on CUDA (a Python loop of small launches would starve the GPU).
     Backward: dW = sum_n gy[n] @ cols[n]^T, dcols[n] = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
     Forward saves x and W, not cols: recomputing cols in backward costs one copy,
     keeping them would cost kh*kw times the input's memory per layer.
@@ -230,8 +232,11 @@ class Conv2d(Function):
         cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
         w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
         y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
-        for n in range(x.shape[0]):  # one GEMM per image (faster than numpy's broadcast matmul)
-            xp.matmul(w2, cols[n], out=y[n])
+        if xp is np:
+            for n in range(x.shape[0]):  # one GEMM per image (faster than numpy's broadcast matmul)
+                np.matmul(w2, cols[n], out=y[n])
+        else:
+            xp.matmul(w2, cols, out=y)                                  # one batched GEMM
         if b is not None:
             y += b.reshape(1, -1, 1)
         return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
@@ -245,9 +250,12 @@ class Conv2d(Function):
         gw = None
         if self.needs_input_grad[1]:
             cols = self._cols(x)
-            gw = gy2[0] @ cols[0].T                                     # sum_n gy[n] @ cols[n]^T
-            for n in range(1, N):
-                gw += gy2[n] @ cols[n].T
+            if xp is np:
+                gw = gy2[0] @ cols[0].T                                 # sum_n gy[n] @ cols[n]^T
+                for n in range(1, N):
+                    gw += gy2[n] @ cols[n].T
+            else:  # one batched GEMM, then a fixed-order sum over images (deterministic, unlike atomics)
+                gw = xp.matmul(gy2, cols.transpose(0, 2, 1)).sum(axis=0)
             gw = gw.reshape(w.shape)
             del cols  # on CUDA: free before the column gradient of the same size is made
         if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image
@@ -256,8 +264,11 @@ class Conv2d(Function):
         one_by_one = kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         shape = (N, w_t.shape[0], gy2.shape[2])
         gcols = xp.empty(shape, dtype=gy.dtype) if (one_by_one or xp is not np) else scratch("conv.gcols", shape, gy.dtype)
-        for n in range(N):
-            xp.matmul(w_t, gy2[n], out=gcols[n])                        # dcols = W^T @ gy[n]
+        if xp is np:
+            for n in range(N):
+                np.matmul(w_t, gy2[n], out=gcols[n])                    # dcols = W^T @ gy[n]
+        else:
+            xp.matmul(w_t, gy2, out=gcols)                              # one batched GEMM
         if one_by_one:
             gx = gcols.reshape(x.shape)
         else:
@@ -297,8 +308,11 @@ class MaxPool2d(Function):
     The max is separable: a max along W (over q), then along H (over p). Each
     stage keeps the first offset that reaches its maximum, so a tie goes to
     the first element of the window in row-major order (smallest row, then
-    smallest column) -- the same element torch picks. Backward sends each
-    gradient to that one element; overlapping windows (stride < kernel) add up.
+    smallest column) -- the same element torch picks. A NaN beats every number
+    and a later NaN an earlier one, so y is NaN and its gradient goes to the
+    window's last NaN in row-major order (torch's rule: a divergence shows).
+    Backward sends each gradient to that one element; overlapping windows
+    (stride < kernel) add up.
     """
 
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> None:
@@ -307,12 +321,13 @@ class MaxPool2d(Function):
         self.padding = _pair(padding, "padding", 0)
 
     @staticmethod
-    def _max_along(x, axis: int, k: int, s: int, best, arg) -> None:
+    def _max_along(x, axis: int, k: int, s: int, best, arg, nan_aware: bool = False) -> None:
         """Running max over k taps along ``axis`` (stride s) into ``best``, first arg offset into ``arg``.
 
         Only plain ufuncs with ``out=``: ``np.copyto(..., where=)`` is ~10x slower here.
         ``arg = max(arg, t * better)`` records t exactly where tap t is strictly better,
-        because t exceeds every earlier offset."""
+        because t exceeds every earlier offset. ``nan_aware``: a NaN tap is always better
+        (np.maximum already carries the NaN into ``best``); off when x has none, to save a pass."""
         n_out = best.shape[axis]
 
         def tap(t):
@@ -326,6 +341,8 @@ class MaxPool2d(Function):
         for t in range(1, k):
             v = tap(t)
             np.greater(v, best, out=better)   # strict: an equal value keeps the earlier offset
+            if nan_aware:
+                better |= np.isnan(v)
             np.maximum(best, v, out=best)
             np.multiply(better.view(np.uint8), t, out=offset)
             np.maximum(arg, offset, out=arg)
@@ -363,8 +380,9 @@ class MaxPool2d(Function):
             xpad = np.full((b - a, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
             xpad[:, ph:ph + H, pw:pw + W] = planes[a:b]
             rows = np.empty((b - a, H + 2 * ph, Wo), dtype=x.dtype)
-            self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b])      # max along W
-            self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b])    # then along H
+            nan_aware = bool(np.isnan(planes[a:b]).any())
+            self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b], nan_aware)     # max along W
+            self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b], nan_aware)  # then along H
         over_planes(N * C, pool, kh * H * W)
         return y.reshape(N, C, Ho, Wo)
 
@@ -383,7 +401,7 @@ class MaxPool2d(Function):
         over_planes(N * C, unpool, kh * H * W)
         return gx.reshape(self.x_shape)
 
-    # ---- CUDA twin: one thread per output scans its window in row-major order (same tie rule);
+    # ---- CUDA twin: one thread per output scans its window in row-major order (same tie and NaN rules);
     # backward gathers, per input element, the outputs whose argmax is that element (no atomics).
     _CUDA = r"""
     extern "C" __global__ void maxpool_fwd(const T* x, T* y, int* arg, long long total, int H, int W, int Ho, int Wo,
@@ -398,7 +416,7 @@ class MaxPool2d(Function):
             for (int q = 0; q < kw; ++q) {
                 int w = j * sw - pw + q; if (w < 0 || w >= W) continue;
                 T v = plane[h * W + w];
-                if (v > best || best_at < 0) { best = v; best_at = h * W + w; }
+                if (v > best || v != v || best_at < 0) { best = v; best_at = h * W + w; }   // v != v: NaN
             }
         }
         y[idx] = best; arg[idx] = best_at;
@@ -487,6 +505,26 @@ def interpolation_matrix(n_in: int, n_out: int, align_corners: bool, scale: Opti
     return A
 
 
+@functools.lru_cache(maxsize=256)
+def interpolation_tables(n_in: int, n_out: int, align_corners: bool, scale: Optional[float], dtype, device: str) -> tuple:
+    """One axis's interpolation data, built once per (sizes, align_corners, scale, dtype, device) and
+    kept there: a training step uploads nothing. Shared by every caller, so never written to.
+
+    cpu : (A,), A = interpolation_matrix(...) in ``dtype`` (read-only).
+    cuda: (i0, i1, lam) for the forward kernel and (A, lo, hi) for the backward gather, where
+          the outputs o that read input index h are exactly lo[h] <= o < hi[h] (i0 and i1 rise with o,
+          and i1 <= i0 + 1, so they form one run: i1[o] >= h and i0[o] <= h)."""
+    A = interpolation_matrix(n_in, n_out, align_corners, scale).astype(dtype)
+    if device == "cpu":
+        A.setflags(write=False)
+        return (A,)
+    i0, i1, lam = interpolation_taps(n_in, n_out, align_corners, scale)
+    h = np.arange(n_in)
+    lo, hi = np.searchsorted(i1, h, side="left"), np.searchsorted(i0, h, side="right")
+    up = lambda a, t: backend.to_device(np.ascontiguousarray(a, dtype=t), device)  # noqa: E731
+    return up(i0, np.int32), up(i1, np.int32), up(lam, dtype), up(A, dtype), up(lo, np.int32), up(hi, np.int32)
+
+
 class Bilinear(Function):
     """y = A_h @ x @ A_w^T per (n, c) plane, with the interpolation matrices above.
 
@@ -497,6 +535,11 @@ class Bilinear(Function):
     def __init__(self, size: Tuple[int, int], align_corners: bool, scales=(None, None)) -> None:
         self.size, self.align_corners, self.scales = size, align_corners, scales
 
+    def _tables(self, dtype, device: str):  # (tables along H, tables along W), cached
+        (H, W), (Ho, Wo) = self.x_shape[2:], self.size
+        return (interpolation_tables(H, Ho, self.align_corners, self.scales[0], dtype, device),
+                interpolation_tables(W, Wo, self.align_corners, self.scales[1], dtype, device))
+
     def forward(self, x):
         xp = get_array_module(x)
         N, C, H, W = x.shape
@@ -504,8 +547,7 @@ class Bilinear(Function):
         self.x_shape = x.shape
         if xp is not np:
             return self._forward_cuda(x)
-        self.A_h = interpolation_matrix(H, Ho, self.align_corners, self.scales[0]).astype(x.dtype)   # (Ho, H)
-        self.A_w = interpolation_matrix(W, Wo, self.align_corners, self.scales[1]).astype(x.dtype)   # (Wo, W)
+        (self.A_h,), (self.A_w,) = self._tables(x.dtype, "cpu")          # (Ho, H), (Wo, W)
         rows = x.reshape(N * C * H, W) @ self.A_w.T                       # (N*C*H, Wo)
         return (self.A_h @ rows.reshape(N * C, H, Wo)).reshape(N, C, Ho, Wo)
 
@@ -518,12 +560,13 @@ class Bilinear(Function):
         g_rows = self.A_h.T @ gy.reshape(N * C, Ho, Wo)                   # (N*C, H, Wo)
         return (g_rows.reshape(N * C * H, Wo) @ self.A_w).reshape(N, C, H, W)
 
-    # ---- CUDA twin: the same two taps per axis (4 per output); backward scatters the
-    # same 4 weights with atomicAdd, which is the adjoint written element by element.
+    # ---- CUDA twin: forward reads the two taps per axis (4 per output). Backward is the adjoint
+    # gathered per input element, dx[h, w] = sum_{o, p} A_h[o, h] gy[o, p] A_w[p, w] over the runs
+    # of outputs that read h and w: no atomics, so every run gives the same bits (as col2im).
     _CUDA = r"""
     extern "C" __global__ void bilinear_fwd(const T* x, T* y, long long total, int H, int W, int Ho, int Wo,
-                                            const long long* h0, const long long* h1, const T* lh,
-                                            const long long* w0, const long long* w1, const T* lw) {
+                                            const int* h0, const int* h1, const T* lh,
+                                            const int* w0, const int* w1, const T* lw) {
         long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         if (idx >= total) return;
         int j = idx % Wo; long long r = idx / Wo; int i = r % Ho; r /= Ho;
@@ -534,40 +577,41 @@ class Bilinear(Function):
         y[idx] = (1 - a) * top + a * bottom;
     }
     extern "C" __global__ void bilinear_bwd(const T* gy, T* gx, long long total, int H, int W, int Ho, int Wo,
-                                            const long long* h0, const long long* h1, const T* lh,
-                                            const long long* w0, const long long* w1, const T* lw) {
+                                            const T* Ah, const int* h_lo, const int* h_hi,
+                                            const T* Aw, const int* w_lo, const int* w_hi) {
         long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         if (idx >= total) return;
-        int j = idx % Wo; long long r = idx / Wo; int i = r % Ho; r /= Ho;
-        T* p = gx + r * H * W;
-        T g = gy[idx], a = lh[i], b = lw[j];
-        atomicAdd(p + h0[i] * W + w0[j], (1 - a) * (1 - b) * g);
-        atomicAdd(p + h0[i] * W + w1[j], (1 - a) * b * g);
-        atomicAdd(p + h1[i] * W + w0[j], a * (1 - b) * g);
-        atomicAdd(p + h1[i] * W + w1[j], a * b * g);
+        int w = idx % W; long long r = idx / W; int h = r % H; r /= H;
+        const T* g = gy + r * Ho * Wo;
+        T acc = 0;
+        for (int j = w_lo[w]; j < w_hi[w]; ++j) {       // the CPU's order: A_h^T first, then A_w
+            T col = 0;
+            for (int i = h_lo[h]; i < h_hi[h]; ++i) col += Ah[i * H + h] * g[i * Wo + j];
+            acc += col * Aw[j * W + w];
+        }
+        gx[idx] = acc;
     }
     """
 
-    def _launch(self, name, src, dst, dtype):
-        xp = get_array_module(src)
-        N, C, H, W = self.x_shape
-        (Ho, Wo), taps = self.size, []
-        for n_in, n_out, scale in ((H, Ho, self.scales[0]), (W, Wo, self.scales[1])):
-            i0, i1, lam = interpolation_taps(n_in, n_out, self.align_corners, scale)
-            taps += [xp.asarray(i0), xp.asarray(i1), xp.asarray(lam, dtype=dtype)]
-        total = N * C * Ho * Wo
-        backend.launch(backend.raw_kernel(self._CUDA, name, dtype), total,
-                       (xp.ascontiguousarray(src), dst, np.int64(total), np.int32(H), np.int32(W),
-                        np.int32(Ho), np.int32(Wo), *taps))
-        return dst
+    def _geometry(self):
+        (H, W), (Ho, Wo) = self.x_shape[2:], self.size
+        return np.int32(H), np.int32(W), np.int32(Ho), np.int32(Wo)
 
     def _forward_cuda(self, x):
         xp = get_array_module(x)
-        return self._launch("bilinear_fwd", x, xp.empty((*x.shape[:2], *self.size), dtype=x.dtype), x.dtype)
+        (h0, h1, lh, *_), (w0, w1, lw, *_) = self._tables(x.dtype, "cuda")
+        y = xp.empty((*x.shape[:2], *self.size), dtype=x.dtype)
+        backend.launch(backend.raw_kernel(self._CUDA, "bilinear_fwd", x.dtype), y.size,
+                       (xp.ascontiguousarray(x), y, np.int64(y.size), *self._geometry(), h0, h1, lh, w0, w1, lw))
+        return y
 
     def _backward_cuda(self, gy):
         xp = get_array_module(gy)
-        return self._launch("bilinear_bwd", gy, xp.zeros(self.x_shape, dtype=gy.dtype), gy.dtype)
+        (*_, Ah, h_lo, h_hi), (*_, Aw, w_lo, w_hi) = self._tables(gy.dtype, "cuda")
+        gx = xp.empty(self.x_shape, dtype=gy.dtype)
+        backend.launch(backend.raw_kernel(self._CUDA, "bilinear_bwd", gy.dtype), gx.size,
+                       (xp.ascontiguousarray(gy), gx, np.int64(gx.size), *self._geometry(), Ah, h_lo, h_hi, Aw, w_lo, w_hi))
+        return gx
 
 
 def interpolate(x: Tensor, size: Optional[IntPair] = None, scale_factor: Optional[Union[float, Tuple[float, float]]] = None,
@@ -754,6 +798,9 @@ class CrossEntropy(Function):
 
     dx = (softmax(x) - onehot(t)) / |V| on valid pixels, 0 on ignored ones (times the upstream gy).
     With every pixel ignored the mean loss is 0 with a zero gradient (torch returns NaN there).
+    Nothing here reads the device: |V| stays an array, and a label outside 0..C-1 (which
+    cross_entropy refuses up front for CPU data) makes its pixel's loss and gradient NaN, so a
+    GPU step needs no sync to check labels and the trainer's finite-loss check stops on it.
     """
 
     def __init__(self, ignore_index: int, reduction: str) -> None:
@@ -764,14 +811,17 @@ class CrossEntropy(Function):
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))   # (N, C, ...)
         valid = target != self.ignore_index                                     # (N, ...)
-        safe_target = xp.where(valid, target, 0)
+        in_range = (target >= 0) & (target < logits.shape[1])
+        safe_target = xp.where(in_range, target, 0)                              # ignored/bad read class 0 ...
+        weight = xp.where(valid & ~in_range, xp.nan, valid).astype(logits.dtype, copy=False)  # ... weighted 0/NaN
         picked = xp.take_along_axis(log_p, safe_target[:, None], axis=1)[:, 0]  # (N, ...)
-        losses = -picked * valid
-        self.log_p, self.valid, self.safe_target = log_p, valid, safe_target
+        losses = -picked * weight
+        self.log_p, self.weight, self.safe_target = log_p, weight, safe_target
         if self.reduction == "none":
             return losses
-        self.count = max(int(valid.sum()), 1) if self.reduction == "mean" else 1
-        return xp.asarray(losses.sum() / self.count, dtype=logits.dtype)
+        # |V| on the device (at least 1: all ignored gives 0); int(valid.sum()) would wait for the GPU
+        self.count = xp.maximum(valid.sum(), 1).astype(logits.dtype) if self.reduction == "mean" else 1
+        return (losses.sum() / self.count).astype(logits.dtype, copy=False)
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -779,14 +829,17 @@ class CrossEntropy(Function):
         classes = xp.arange(grad.shape[1]).reshape((1, -1) + (1,) * (grad.ndim - 2))
         grad -= classes == self.safe_target[:, None]                            # minus one-hot(target)
         if self.reduction == "none":
-            scale = (gy * self.valid)[:, None]
+            scale = (gy * self.weight)[:, None]
         else:
-            scale = (self.valid * (gy / self.count))[:, None]
-        return grad * scale.astype(grad.dtype), None
+            scale = (self.weight * (gy / self.count))[:, None]
+        return grad * scale.astype(grad.dtype, copy=False), None
 
 
 def cross_entropy(logits: Tensor, target, ignore_index: int = 255, reduction: str = "mean") -> Tensor:
-    """Softmax cross-entropy over the class axis 1 with an ignored label (VOC's 255 border)."""
+    """Softmax cross-entropy over the class axis 1 with an ignored label (VOC's 255 border).
+
+    A label outside 0..C-1 raises for CPU data; on CUDA it gives a NaN loss instead (checking
+    it here would stop the GPU pipeline every step; see CrossEntropy)."""
     logits = as_tensor(logits)
     target_array = target.data if isinstance(target, Tensor) else target
     xp = get_array_module(logits.data)
@@ -801,11 +854,12 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = 255, reduction: st
     if target_array.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy target must be integer class indices, got dtype {target_array.dtype}")
     C = logits.shape[1]
-    bad = (target_array != ignore_index) & ((target_array < 0) | (target_array >= C))
-    if bool(bad.any()):
-        values = sorted(set(backend.as_numpy(target_array[bad]).tolist()))[:10]
-        raise ValueError(f"cross_entropy target has values {values} outside 0..{C - 1} (ignore_index={ignore_index})")
-    return CrossEntropy(ignore_index, reduction)(logits, target_array.astype(np.int64))
+    if xp is np:  # free on the host
+        bad = (target_array != ignore_index) & ((target_array < 0) | (target_array >= C))
+        if bad.any():
+            values = sorted(set(target_array[bad].tolist()))[:10]
+            raise ValueError(f"cross_entropy target has values {values} outside 0..{C - 1} (ignore_index={ignore_index})")
+    return CrossEntropy(ignore_index, reduction)(logits, target_array.astype(np.int64, copy=False))
 
 
 # =========================================================================== concat, pad, dropout

@@ -100,9 +100,9 @@ class Module:
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}; unexpected keys {unexpected}")
         for name, tensor in own.items():
-            if name in state:  # through the host: the checkpoint may live on either device
-                value = backend.as_numpy(state[name]).astype(tensor.dtype, copy=True)
-                tensor.data = backend.to_device(value, tensor.device)
+            if name in state:  # straight to the tensor's device (a GPU state dict never visits the host)
+                value = backend.to_device(state[name], tensor.device, copy=True)
+                tensor.data = value.astype(tensor.dtype, copy=False)
         return missing, unexpected
 
     def train(self, mode: bool = True) -> "Module":

@@ -78,7 +78,11 @@ class Optimizer:
                 index = int(index)
                 if index not in params:
                     raise KeyError(f"optimizer state for parameter {index}, but the optimizer has {len(params)}")
-                self.state.setdefault(index, {})[key] = backend.to_device(np.array(value), params[index].device)
+                if np.ndim(value) == 0:  # a counter (Adam's t): a host number, read once here, not each step
+                    value = backend.as_numpy(value).item()
+                else:                    # a buffer: straight onto the parameter's device, never shared
+                    value = backend.to_device(value, params[index].device, copy=True)
+                self.state.setdefault(index, {})[key] = value
 
 
 class SGD(Optimizer):
@@ -110,9 +114,10 @@ class Adam(Optimizer):
         if group["weight_decay"]:
             grad = grad + group["weight_decay"] * p.data
         if "m" not in state:
-            state["m"], state["v"], state["t"] = xp.zeros_like(p.data), xp.zeros_like(p.data), np.asarray(0)
-        state["t"] = np.asarray(int(state["t"]) + 1)
-        t = int(state["t"])
+            state["m"], state["v"], state["t"] = xp.zeros_like(p.data), xp.zeros_like(p.data), 0
+        # t is a Python int: the bias corrections below are host numbers passed to the GPU as
+        # kernel scalars (a device counter would need a sync each step to compute b1 ** t)
+        state["t"] = t = int(state["t"]) + 1
         state["m"] *= b1
         state["m"] += (1 - b1) * grad
         state["v"] *= b2

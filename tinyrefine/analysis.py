@@ -67,7 +67,13 @@ def gradient_norms(model, images, target, ignore_index: int = 255) -> "OrderedDi
 def encoder_output_gradients(model, images, target, ignore_index: int = 255) -> List[np.ndarray]:
     """The full gradients dL/dc1..dL/dc4 of the encoder block outputs (host arrays), caught with
     ``Tensor.register_hook`` through ``RefineNet.feature_hook``."""
+    return _encoder_pass(model, images, target, ignore_index)[0]
+
+
+def _encoder_pass(model, images, target, ignore_index: int):
+    """One forward/backward: ([dL/dc1..dL/dc4], parameter name -> gradient norm)."""
     caught: List[Optional[np.ndarray]] = [None] * 4
+    norms: "OrderedDict[str, float]" = OrderedDict()
 
     def hook_features(features: List[Tensor]) -> None:
         for k, c in enumerate(features):
@@ -82,15 +88,66 @@ def encoder_output_gradients(model, images, target, ignore_index: int = 255) -> 
             if not any(p.requires_grad for p in model.encoder.parameters()) and not images.requires_grad:
                 raise ValueError("nothing below the encoder outputs needs a gradient: pass images with requires_grad")
             _loss(model, model(images), target, ignore_index).backward()
+            norms.update((name, _norm(p.grad) if p.grad is not None else 0.0)
+                         for name, p in model.named_parameters() if p.requires_grad)
     finally:
         model.feature_hook = previous
-    return [g if g is not None else np.zeros(1) for g in caught]
+    return [g if g is not None else np.zeros(1) for g in caught], norms
 
 
 def encoder_block_gradients(model, images, target, ignore_index: int = 255) -> "OrderedDict[str, float]":
     """'layer1'..'layer4' -> L2 norm of the gradient arriving at that encoder block's output."""
     grads = encoder_output_gradients(model, images, target, ignore_index)
     return OrderedDict((f"layer{k + 1}", _norm(g)) for k, g in enumerate(grads))
+
+
+def gradient_flow(model, images, target, ignore_index: int = 255):
+    """``encoder_block_gradients`` and ``gradient_norms`` from one forward/backward:
+    ('layer1'..'layer4' -> norm of dL/dc_k, parameter name -> norm of its gradient)."""
+    grads, norms = _encoder_pass(model, images, target, ignore_index)
+    return OrderedDict((f"layer{k + 1}", _norm(g)) for k, g in enumerate(grads)), norms
+
+
+def module_gradient_norms(norms: Dict[str, float], depth: int = 2) -> "OrderedDict[str, float]":
+    """Parameter gradient norms grouped by module, in the order given: a parameter's module is its
+    name without the last part, cut to ``depth`` parts ('refine4.rcus.0.1.conv2.weight' ->
+    'refine4.rcus', 'adapt1.weight' -> 'adapt1', 'head.classifier.bias' -> 'head.classifier').
+    A module's value is the L2 norm of all its parameters' gradients together: sqrt(sum of squares)."""
+    if depth < 1:
+        raise ValueError(f"depth must be 1 or more, got {depth}")
+    squares: "OrderedDict[str, float]" = OrderedDict()
+    for name, value in norms.items():
+        parts = name.split(".")[:-1] or name.split(".")
+        key = ".".join(parts[:depth])
+        squares[key] = squares.get(key, 0.0) + float(value) ** 2
+    return OrderedDict((k, float(np.sqrt(v))) for k, v in squares.items())
+
+
+INIT_SCHEMES = ("default", "he", "zero")
+
+
+def init_decoder(model, scheme: str, seed: int = 0):
+    """Re-initialise a RefineNet's decoder (everything outside ``model.encoders()``) in place; returns it.
+
+    'default'  leave it as built: torch's default conv init, weights ~ U(+-1/sqrt(fan_in)),
+               variance 1/(3 fan_in) (what the official code gets)
+    'he'       every decoder conv weight ~ N(0, 2/fan_in) (He et al. 2015), biases unchanged
+    'zero'     the last conv of every residual branch zeroed (``zero_init_residual_branches``)
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    if scheme == "zero":
+        model.zero_init_residual_branches()
+    elif scheme == "he":
+        rng = np.random.default_rng(seed)
+        encoder_ids = {id(p) for encoder in model.encoders() for p in encoder.parameters()}
+        for _, p in model.named_parameters():
+            if id(p) in encoder_ids or p.data.ndim != 4:
+                continue
+            fan_in = int(np.prod(p.shape[1:]))
+            xp = backend.get_array_module(p.data)
+            p.data[...] = xp.asarray(rng.standard_normal(p.shape) * np.sqrt(2.0 / fan_in), dtype=p.dtype)
+    return model
 
 
 def _forward_cut(model, images: Tensor, block: int, cut: Optional[str], caught: list) -> Tensor:

@@ -1,0 +1,106 @@
+"""The notebooks' exercise checks (tinyrefine.exercises) and the student/solution notebook pairs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import tinyrefine.functional as F
+from tinyrefine import exercises
+from tinyrefine.engine import Function
+from tinyrefine.models.refinenet import ChainedResidualPooling, ResidualConvUnit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError
+
+
+def test_a_stub_is_reported_as_not_attempted(capsys):
+    for check in (exercises.check_im2col, exercises.check_max_pool_backward, exercises.check_interpolation_matrix,
+                  exercises.check_rcu, exercises.check_crp, exercises.check_zero_init):
+        assert check(stub) is False
+    assert capsys.readouterr().out.count("not attempted yet") == 6
+
+
+def test_sigmoid_check_names_the_mistake(capsys):
+    class Good(Function):
+        def forward(self, x):
+            self.y = 1 / (1 + np.exp(-x))
+            return self.y
+
+        def backward(self, gy):
+            return self.y * (1 - self.y) * gy
+
+    class MissingFactor(Good):
+        def backward(self, gy):
+            return self.y * gy
+
+    assert exercises.check_sigmoid(Good)
+    assert not exercises.check_sigmoid(MissingFactor)
+    assert "derivative is sigma * (1 - sigma)" in capsys.readouterr().out
+
+
+def test_max_pool_check_catches_overwriting_and_ties(capsys):
+    def backward(x, g, k, s, accumulate=True, last_tie=False):
+        dx = np.zeros_like(x)
+        for n, c, i, j in np.ndindex(*g.shape):
+            w = x[n, c, i * s:i * s + k, j * s:j * s + k]
+            flat = w.size - 1 - np.argmax(w.ravel()[::-1]) if last_tie else np.argmax(w)
+            p, q = np.unravel_index(flat, w.shape)
+            if accumulate:
+                dx[n, c, i * s + p, j * s + q] += g[n, c, i, j]
+            else:
+                dx[n, c, i * s + p, j * s + q] = g[n, c, i, j]
+        return dx
+
+    assert exercises.check_max_pool_backward(backward)
+    assert not exercises.check_max_pool_backward(lambda *a: backward(*a, accumulate=False))
+    assert "SUM of their gradients" in capsys.readouterr().out
+    assert not exercises.check_max_pool_backward(lambda *a: backward(*a, last_tie=True))
+    assert "first max in row-major order" in capsys.readouterr().out
+
+
+def test_interpolation_and_im2col_checks():
+    assert exercises.check_interpolation_matrix(F.interpolation_matrix)
+    assert not exercises.check_interpolation_matrix(lambda i, o, ac: F.interpolation_matrix(i, o, not ac))
+
+    def im2col(x, kh, kw, s, p):
+        return F.im2col(x, (kh, kw), (s, s), (p, p), (1, 1))
+    assert exercises.check_im2col(im2col)
+    assert not exercises.check_im2col(lambda x, kh, kw, s, p: im2col(x, kh, kw, s, 0))
+
+
+def test_rcu_crp_zero_init_checks(capsys):
+    def rcu(x, w1, b1, w2):
+        return F.add(x, F.conv2d(F.relu(F.conv2d(F.relu(x), w1, b1, padding=1)), w2, padding=1))
+    assert exercises.check_rcu(rcu)
+    assert not exercises.check_rcu(lambda x, w1, b1, w2: F.conv2d(F.relu(F.conv2d(F.relu(x), w1, b1, padding=1)),
+                                                                w2, padding=1))
+    assert "add the input back" in capsys.readouterr().out
+
+    def crp(x, weights, improved):
+        module = ChainedResidualPooling(x.shape[1], len(weights), improved=improved).astype(np.float64)
+        for conv, w in zip(module.convs, weights):
+            conv.weight = w
+        return module(x)
+    assert exercises.check_crp(crp)
+    assert not exercises.check_crp(lambda x, weights, improved: crp(x, weights, not improved))
+    assert "other order" in capsys.readouterr().out
+
+    def zero_all(model):
+        for m in model.modules():
+            if isinstance(m, ResidualConvUnit):
+                m.conv1.weight.data[...] = 0
+                m.conv2.weight.data[...] = 0
+    assert exercises.check_zero_init(lambda model: model.zero_init_residual_branches())
+    assert not exercises.check_zero_init(zero_all)
+
+
+def test_student_notebooks_are_generated_from_the_solutions():
+    result = subprocess.run([sys.executable, str(ROOT / "notebooks" / "make_student.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    solutions = sorted(p.name for p in (ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+    assert solutions and all((ROOT / "notebooks" / name).exists() for name in solutions)

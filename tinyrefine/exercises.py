@@ -1,0 +1,267 @@
+"""Checks for the notebooks' exercises: each compares a student's function with tinyrefine and says what is wrong.
+
+Every ``check_*`` prints one verdict per test case and returns True when all pass. A stub that still raises
+``NotImplementedError`` is reported as "not attempted yet" (and returns False) rather than crashing, so the
+student notebooks execute top to bottom in CI; the solution notebooks (``notebooks/solutions/``) assert the
+result. Inputs are float64 and small, so the comparisons are exact up to rounding (``atol`` 1e-8).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Tuple
+
+import numpy as np
+
+from . import functional as F
+from .engine import Function, Tensor
+from .gradcheck import GradcheckError, gradcheck
+
+ATOL = 1e-8
+
+
+class _Fail(Exception):
+    """One check failed; the message says why."""
+
+
+def _report(name: str, cases: Iterable[Tuple[str, Callable[[], None]]]) -> bool:
+    ok = True
+    for label, run in cases:
+        try:
+            run()
+        except NotImplementedError:
+            print(f"{name}: not attempted yet (the stub still raises NotImplementedError)")
+            return False
+        except _Fail as failure:
+            print(f"{name} [{label}]: WRONG: {failure}")
+            ok = False
+        except Exception as error:  # a crash in the student's code is a failed case, not a crashed notebook
+            print(f"{name} [{label}]: ERROR {type(error).__name__}: {error}")
+            ok = False
+        else:
+            print(f"{name} [{label}]: correct")
+    return ok
+
+
+def _array(value) -> np.ndarray:
+    return np.asarray(value.data if isinstance(value, Tensor) else value, dtype=np.float64)
+
+
+def _compare(got, expected, what: str, hint: Optional[Callable[[np.ndarray, np.ndarray], Optional[str]]] = None) -> None:
+    got, expected = _array(got), _array(expected)
+    if got.shape != expected.shape:
+        raise _Fail(f"{what} has shape {got.shape}, expected {expected.shape}")
+    if not np.allclose(got, expected, atol=ATOL, rtol=1e-6):
+        index = np.unravel_index(np.abs(got - expected).argmax(), got.shape)
+        message = (f"{what} differs: at {tuple(int(i) for i in index)} got {got[index]:.6g}, "
+                   f"expected {expected[index]:.6g}")
+        extra = hint(got, expected) if hint else None
+        raise _Fail(message + (f". {extra}" if extra else ""))
+
+
+# --------------------------------------------------------------------------- 01: a Function
+def check_sigmoid(sigmoid_class) -> bool:
+    """Notebook 01: ``Sigmoid(Function)`` with forward 1/(1+exp(-x)) and backward sigma(1-sigma) g."""
+    rng = np.random.default_rng(0)
+
+    def forward():
+        x = rng.standard_normal((3, 4)) * 3
+        _compare(sigmoid_class()(Tensor(x)), 1 / (1 + np.exp(-x)), "forward")
+
+    def backward():
+        x = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+        s = 1 / (1 + np.exp(-x.data))
+        g = rng.standard_normal((3, 4))
+        sigmoid_class()(x).backward(g)
+        if x.grad is None:
+            raise _Fail("no gradient reached the input: does backward return it?")
+
+        def hint(got, expected):
+            if np.allclose(got, s * g):
+                return "you return sigma * g: the derivative is sigma * (1 - sigma)"
+            if np.allclose(got, s * (1 - s)):
+                return "you forgot to multiply by the upstream gradient g"
+            if np.allclose(got, x.data * (1 - x.data) * g):
+                return "you used the input x where sigma(x) belongs (save the output in forward)"
+            return None
+        _compare(x.grad, s * (1 - s) * g, "backward", hint)
+
+    def finite_differences():
+        x = Tensor(rng.standard_normal((2, 5)), requires_grad=True)
+        try:
+            gradcheck(lambda t: sigmoid_class()(t), [x])
+        except GradcheckError as error:
+            raise _Fail(str(error))
+
+    return _report("Sigmoid", [("forward", forward), ("backward", backward), ("gradcheck", finite_differences)])
+
+
+# --------------------------------------------------------------------------- 02: im2col
+def check_im2col(im2col, conv2d=None) -> bool:
+    """Notebook 02: ``im2col(x, kh, kw, stride, padding)`` -> (N, C, kh, kw, Ho, Wo) as ``F.im2col``;
+    optionally ``conv2d(x, w, stride, padding)`` built on it, against ``F.conv2d``."""
+    rng = np.random.default_rng(1)
+    configs = [((1, 1, 4, 4), 3, 3, 1, 0), ((2, 3, 5, 6), 3, 3, 1, 1), ((1, 2, 7, 7), 3, 3, 2, 1),
+               ((1, 2, 6, 5), 2, 3, 2, 0)]
+
+    def case(shape, kh, kw, stride, padding):
+        def run():
+            x = rng.standard_normal(shape)
+            expected = F.im2col(x, (kh, kw), (stride, stride), (padding, padding), (1, 1))
+
+            def hint(got, exp):
+                if padding and got.shape == exp.shape and np.allclose(got[..., 1:-1, 1:-1], exp[..., 1:-1, 1:-1]):
+                    return "the interior is right: check the zero padding at the border"
+                return None
+            got = im2col(x, kh, kw, stride, padding)
+            if np.shape(got) != expected.shape:
+                H, W = shape[2:]
+                raise _Fail(f"shape {np.shape(got)}, expected {expected.shape}: the output size is "
+                            f"(H + 2p - k) // s + 1 = ({H} + {2 * padding} - {kh}) // {stride} + 1")
+            _compare(got, expected, "columns", hint)
+            if conv2d is not None:
+                w = rng.standard_normal((4, shape[1], kh, kw))
+                _compare(conv2d(x, w, stride, padding), F.conv2d(Tensor(x), Tensor(w), stride=stride, padding=padding),
+                         "conv2d built on your im2col")
+        return f"{shape} k{kh}x{kw} s{stride} p{padding}", run
+
+    return _report("im2col", [case(*c) for c in configs])
+
+
+# --------------------------------------------------------------------------- 03: max-pool backward, interpolation
+def check_max_pool_backward(max_pool_backward) -> bool:
+    """Notebook 03: ``max_pool_backward(x, grad_out, k, stride)`` (no padding) -> dL/dx, as F.max_pool2d's."""
+    rng = np.random.default_rng(2)
+
+    def reference(x, g, k, s):
+        xt = Tensor(x, requires_grad=True)
+        F.max_pool2d(xt, k, s).backward(g)
+        return xt.grad
+
+    def case(label, x, k, s):
+        def run():
+            g = rng.standard_normal(F.max_pool2d(Tensor(x), k, s).shape)
+            expected = reference(x, g, k, s)
+
+            def hint(got, exp):
+                if "overlap" in label:
+                    return "a pixel that is the max of several windows must get the SUM of their gradients (+=, not =)"
+                if "tie" in label:
+                    return "with a tie the whole gradient goes to the first max in row-major order (np.argmax's rule)"
+                return None
+            _compare(max_pool_backward(x, g, k, s), expected, "dL/dx", hint)
+        return label, run
+
+    ties = np.zeros((1, 1, 4, 4))
+    ties[0, 0, 1, 1] = ties[0, 0, 1, 0] = ties[0, 0, 0, 1] = 1.0
+    return _report("max_pool_backward", [
+        case("2x2 stride 2", rng.standard_normal((2, 2, 4, 6)), 2, 2),
+        case("3x3 stride 1, overlapping windows", rng.standard_normal((1, 2, 5, 5)), 3, 1),
+        case("2x2 stride 2 with ties", ties, 2, 2)])
+
+
+def check_interpolation_matrix(interpolation_matrix) -> bool:
+    """Notebook 03: ``interpolation_matrix(n_in, n_out, align_corners)`` -> (n_out, n_in), as F's."""
+    def case(n_in, n_out, align_corners):
+        def run():
+            expected = F.interpolation_matrix(n_in, n_out, align_corners)
+
+            def hint(got, exp):
+                if not np.allclose(got.sum(axis=1), 1):
+                    return "every row must sum to 1 (the weights 1 - lambda and lambda)"
+                if np.allclose(got, F.interpolation_matrix(n_in, n_out, not align_corners)):
+                    return "this is the other align_corners convention"
+                if not align_corners:
+                    return "with align_corners=False, src = (o + 0.5) * n_in / n_out - 0.5, clamped at 0 and at n_in - 1"
+                return "with align_corners=True, src = o * (n_in - 1) / (n_out - 1)"
+            _compare(interpolation_matrix(n_in, n_out, align_corners), expected, "A", hint)
+        return f"{n_in} -> {n_out}, align_corners={align_corners}", run
+
+    return _report("interpolation_matrix", [case(*c) for c in
+                                            ((4, 7, True), (4, 7, False), (8, 4, False), (8, 3, True), (5, 5, False))])
+
+
+# --------------------------------------------------------------------------- 04: RCU and CRP
+def check_rcu(rcu_forward) -> bool:
+    """Notebook 04: ``rcu_forward(x, w1, b1, w2)`` (Tensors) -> the ResidualConvUnit's output."""
+    from .models.refinenet import ResidualConvUnit
+    rng = np.random.default_rng(3)
+    unit = ResidualConvUnit(3, rng=rng).astype(np.float64)
+    x = Tensor(rng.standard_normal((2, 3, 6, 6)))
+    w1, b1, w2 = unit.conv1.weight, unit.conv1.bias, unit.conv2.weight
+
+    def forward():
+        branch = unit.conv2(F.relu(unit.conv1(F.relu(x)))).data
+
+        def hint(got, exp):
+            if np.allclose(got, branch):
+                return "this is the branch alone: add the input back (the shortcut)"
+            if np.allclose(got, x.data + unit.conv2(F.relu(unit.conv1(x))).data):
+                return "the first ReLU is missing (RCU starts with relu(x))"
+            return None
+        _compare(rcu_forward(x, w1, b1, w2), unit(x), "RCU(x)", hint)
+
+    def backward():
+        xt = Tensor(x.data.copy(), requires_grad=True)
+        try:
+            gradcheck(lambda t: rcu_forward(t, w1, b1, w2), [xt], n_samples=20)
+        except GradcheckError as error:
+            raise _Fail(f"{error} (build it from tinyrefine.functional ops so the engine records it)")
+
+    return _report("RCU", [("forward", forward), ("gradcheck", backward)])
+
+
+def check_crp(crp_forward) -> bool:
+    """Notebook 04: ``crp_forward(x, weights, improved)`` -> ChainedResidualPooling's output."""
+    from .models.refinenet import ChainedResidualPooling
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((1, 2, 7, 7)))
+
+    def case(n_blocks, improved):
+        def run():
+            crp = ChainedResidualPooling(2, n_blocks, improved=improved, rng=rng).astype(np.float64)
+            weights = [conv.weight for conv in crp.convs]
+            h = F.relu(x)
+            path, last = h, None
+            for w in weights:
+                last = path = F.max_pool2d(F.conv2d(path, w, padding=1), 5, 1, 2) if improved else \
+                    F.conv2d(F.max_pool2d(path, 5, 1, 2), w, padding=1)
+            crp.improved = not improved
+            other_order = crp(x)
+            crp.improved = improved
+            unchained = h.data + sum(F.conv2d(F.max_pool2d(h, 5, 1, 2), w, padding=1).data for w in weights)
+
+            def hint(got, exp):
+                if np.allclose(got, last.data):
+                    return "you return the last link only: every link is ADDED onto relu(x)"
+                if n_blocks > 1 and not improved and np.allclose(got, unchained):
+                    return "each link must pool the previous link's output (a chain), not relu(x) again"
+                if np.allclose(got, other_order.data):
+                    return "this is the other order (paper: pool then conv; improved: conv then pool)"
+                return "check the order (paper: pool then conv; improved: conv then pool) and the leading ReLU"
+            _compare(crp_forward(x, weights, improved), crp(x), "CRP(x)", hint)
+        return f"{n_blocks} blocks, improved={improved}", run
+
+    return _report("CRP", [case(1, False), case(4, False), case(4, True)])
+
+
+# --------------------------------------------------------------------------- 05: zero init
+def check_zero_init(zero_init) -> bool:
+    """Notebook 05: ``zero_init(model)`` zeroes each RCU's conv2 and each CRP conv, and nothing else."""
+    from .models import RefineNet
+
+    def run():
+        kwargs = dict(num_classes=3, encoder="resnet18", encoder_width=4, features=4, seed=0)
+        mine, reference = RefineNet(**kwargs), RefineNet(**kwargs)
+        zero_init(mine)
+        reference.zero_init_residual_branches()
+        expected = dict(reference.named_parameters())
+        too_many = [n for n, p in mine.named_parameters() if not p.data.any() and expected[n].data.any()]
+        missed = [n for n, p in mine.named_parameters() if p.data.any() and not expected[n].data.any()]
+        if missed:
+            raise _Fail(f"{len(missed)} weights should be zero but are not, e.g. {missed[:3]}")
+        if too_many:
+            raise _Fail(f"{len(too_many)} weights are zero that should not be, e.g. {too_many[:3]} "
+                        "(only the LAST conv of each residual branch)")
+        for name, p in mine.named_parameters():
+            _compare(p.data, expected[name].data, name)
+
+    return _report("zero_init", [("every parameter", run)])

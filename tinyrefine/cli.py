@@ -45,7 +45,16 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--eval-every", type=int, default=d["eval_every"])
     p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
-    p.add_argument("--eval-size", type=int, default=d["eval_size"], help="shorter side for evaluation (speed)")
+    p.add_argument("--eval-size", type=int, default=d["eval_size"],
+                   help="the network sees the shorter side at this size (speed); scored at the masks' full size")
+    p.add_argument("--eval-limit", type=int, default=d["eval_limit"],
+                   help="evaluations during the run (--eval-every) score only this many images (the last scores all)")
+    p.add_argument("--loss", default=d["loss"], choices=["ce", "balanced", "ohem"],
+                   help="ce (the paper's), balanced (median-frequency class weights) or ohem (hardest pixels)")
+    p.add_argument("--ohem-fraction", type=float, default=d["ohem_fraction"], help="with --loss ohem: share of pixels kept")
+    p.add_argument("--warmup-iters", type=int, default=d["warmup_iters"], help="linear learning-rate warm-up")
+    p.add_argument("--no-zero-init", dest="zero_init_residual", action="store_false", default=d["zero_init_residual"],
+                   help="keep the default init of the decoder's residual branches (zeroed by default)")
     p.add_argument("--pretrained", default=d["pretrained"], help="torchvision ResNet .pth for the encoder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

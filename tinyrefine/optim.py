@@ -135,15 +135,22 @@ def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9) -
 
 
 class PolyLR:
-    """Sets every group's lr to poly_lr(group's initial lr, iteration, max_iter) at each step."""
+    """Sets every group's lr to poly_lr(group's initial lr, iteration, max_iter) at each step.
 
-    def __init__(self, optimizer: Optimizer, max_iter: int, power: float = 0.9) -> None:
-        self.optimizer, self.max_iter, self.power = optimizer, max_iter, power
+    ``warmup`` > 0 scales that by (iteration + 1) / warmup for the first ``warmup`` iterations: the
+    linear warm-up of Goyal et al. (2017), which keeps the first large steps (Adam moves every
+    weight by about lr on its first step) from blowing up an untrained network."""
+
+    def __init__(self, optimizer: Optimizer, max_iter: int, power: float = 0.9, warmup: int = 0) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup must be 0 or more iterations, got {warmup}")
+        self.optimizer, self.max_iter, self.power, self.warmup = optimizer, max_iter, power, warmup
 
     def step(self, iteration: Optional[int] = None) -> None:
         iteration = self.optimizer.steps if iteration is None else iteration
+        ramp = min(1.0, (iteration + 1) / self.warmup) if self.warmup else 1.0
         for group in self.optimizer.param_groups:
-            group["lr"] = poly_lr(group["initial_lr"], iteration, self.max_iter, self.power)
+            group["lr"] = ramp * poly_lr(group["initial_lr"], iteration, self.max_iter, self.power)
 
 
 def encoder_decoder_groups(model, lr: float, encoder_lr: Optional[float] = None, weight_decay: float = 0.0):

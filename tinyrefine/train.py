@@ -43,6 +43,9 @@ class TrainConfig:
     cascade: int = 4
     improved_crp: bool = False
     two_scale: bool = False              # the paper's 2-scale variant (two encoders, at 1.2x and 0.6x)
+    shortcuts: bool = True               # ablations (gradient-flow lesson): the RCU/CRP identities,
+    long_range: bool = True              # the encoder's long-range gradient paths,
+    crp_relu: bool = True                # and the CRP's leading ReLU
     freeze_bn: bool = True
     crop: int = 256
     scale_min: float = 0.7               # random scale augmentation range (the paper's 0.7-1.3)
@@ -60,8 +63,13 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0                  # 0: only at the end
     checkpoint_every: int = 100
-    eval_size: Optional[int] = None      # resize the shorter side for evaluation (speed on a CPU)
+    eval_size: Optional[int] = None      # the network sees the shorter side at this size (speed); scored at full size
+    eval_limit: Optional[int] = None     # evaluations during the run score only this many val (and train) images
     pretrained: Optional[str] = None     # torchvision ResNet .pth for the encoder
+    zero_init_residual: bool = True      # decoder residual branches start at zero (ours; see RefineNet)
+    warmup_iters: int = 0                # linear LR warm-up (Goyal et al. 2017)
+    loss: str = "ce"                     # ce | balanced (median-frequency class weights) | ohem (hardest pixels)
+    ohem_fraction: float = 0.25          # with loss=ohem: the share of valid pixels kept per batch
 
 
 # --------------------------------------------------------------------------- data
@@ -86,7 +94,10 @@ def build_datasets(config: TrainConfig):
 def build_model(config: TrainConfig, num_classes: int) -> RefineNet:
     model = RefineNet(num_classes, config.encoder, n_crp=config.n_crp, cascade=config.cascade,
                       freeze_bn=config.freeze_bn, improved_crp=config.improved_crp, features=config.features,
-                      encoder_width=config.encoder_width, two_scale=config.two_scale, seed=config.seed)
+                      encoder_width=config.encoder_width, two_scale=config.two_scale, shortcuts=config.shortcuts,
+                      long_range=config.long_range, crp_relu=config.crp_relu,
+                      # without the identities there is no residual branch to zero
+                      zero_init_residual=config.zero_init_residual and config.shortcuts, seed=config.seed)
     if config.pretrained:
         weights = load_torch_checkpoint(config.pretrained)
         encoder_weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
@@ -102,6 +113,54 @@ def build_optimizer(config: TrainConfig, model: RefineNet):
     if config.optimizer == "adam":
         return Adam(groups, lr=config.lr)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+# --------------------------------------------------------------------------- the loss
+def class_frequencies(dataset, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Each class's share of the labelled pixels over ``dataset``'s raw masks."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for i in range(len(dataset)):
+        mask = dataset.load(i)[1]
+        counts += np.bincount(mask[mask != ignore_index].ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(counts.sum(), 1.0)
+
+
+def median_frequency_weights(frequencies: np.ndarray) -> np.ndarray:
+    """w_c = median(f) / f_c (Eigen & Fergus 2015, as SegNet uses it); a class never seen gets 0."""
+    seen = frequencies > 0
+    weights = np.zeros_like(frequencies)
+    weights[seen] = np.median(frequencies[seen]) / frequencies[seen]
+    return weights
+
+
+def segmentation_loss(logits: Tensor, masks, kind: str = "ce", class_weights=None, ohem_fraction: float = 0.25,
+                      ignore_index: int = 255) -> Tensor:
+    """The training loss over the valid pixels V (mask != ignore_index).
+
+    ce:       mean over V of -log p(t)                              (the paper's)
+    balanced: sum_V w_t * -log p(t) / sum_V w_t  (class weights, e.g. median frequency; torch's weighted mean)
+    ohem:     mean of -log p(t) over the hardest ``ohem_fraction`` of V (online hard example mining,
+              Shrivastava et al. 2016, per pixel as in Wu et al. 2016)
+    """
+    if kind == "ce":
+        return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+    xp = backend.get_array_module(logits.data)
+    losses = F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="none")   # (N, H, W), 0 if ignored
+    valid = masks != ignore_index
+    if kind == "balanced":
+        if class_weights is None:
+            raise ValueError("loss='balanced' needs class_weights")
+        weights = xp.asarray(class_weights, dtype=logits.dtype)[xp.where(valid, masks, 0)] * valid
+    elif kind == "ohem":
+        if not 0 < ohem_fraction <= 1:
+            raise ValueError(f"ohem_fraction must be in (0, 1], got {ohem_fraction}")
+        values = xp.where(valid, losses.data, -1.0)                  # ignored pixels are never picked
+        k = max(1, int(ohem_fraction * values.size))
+        threshold = xp.partition(values.ravel(), values.size - k)[values.size - k]
+        weights = ((values >= threshold) & valid).astype(logits.dtype)
+    else:
+        raise ValueError(f"loss must be 'ce', 'balanced' or 'ohem', got {kind!r}")
+    return (losses * weights).sum() / xp.maximum(weights.sum(), 1e-12)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -145,12 +204,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     train_set, val_set, num_classes = build_datasets(config)
     model = build_model(config, num_classes)
     optimizer = build_optimizer(config, model)
-    schedule = PolyLR(optimizer, config.iters, config.poly_power)
+    schedule = PolyLR(optimizer, config.iters, config.poly_power, config.warmup_iters)
     loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
                         transform=train_transform(config.crop, (config.scale_min, config.scale_max)),
                         device=config.device)
+    class_weights = None
+    if config.loss == "balanced":
+        class_weights = median_frequency_weights(class_frequencies(train_set, num_classes))
     checkpoint = out / "checkpoint.npz"
-    history: Dict[str, List] = {"iteration": [], "loss": [], "lr": [], "seconds": [], "val_iteration": [], "val_miou": []}
+    history: Dict[str, List] = {"iteration": [], "loss": [], "lr": [], "seconds": [], "val_iteration": [], "val_miou": [],
+                                "train_miou": []}
     start, epoch, batch_index = 0, 0, 0
     if resume:
         if not checkpoint.exists():
@@ -180,7 +243,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         tick = time.perf_counter()
         schedule.step(iteration)
         try:
-            loss = F.cross_entropy(model(Tensor(images)), masks, ignore_index=255)
+            loss = segmentation_loss(model(Tensor(images)), masks, config.loss, class_weights, config.ohem_fraction)
             loss_value = float(loss.item())
             if not np.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -203,9 +266,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             bar.set_postfix(loss=f"{loss_value:.4f}", s_per_it=f"{seconds:.2f}")
         last = iteration + 1 == config.iters
         if config.eval_every and (iteration + 1) % config.eval_every == 0 and not last:
-            history["val_iteration"].append(iteration + 1)
-            history["val_miou"].append(evaluate(model, val_set, num_classes, device=config.device,
-                                                eval_size=config.eval_size)["mean_iou"])
+            _record_miou(history, iteration + 1, config, model, train_set, val_set, num_classes, config.eval_limit)
             model.train()
         if (iteration + 1) % config.checkpoint_every == 0 or last:
             save_checkpoint(checkpoint, model, optimizer, meta(iteration + 1))
@@ -214,13 +275,24 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             save_checkpoint(checkpoint, model, optimizer, meta(iteration + 1))
             return {"checkpoint": str(checkpoint), "iteration": iteration + 1, "history": history, "stopped": True}
 
-    metrics = evaluate(model, val_set, num_classes, device=config.device, eval_size=config.eval_size)
-    history["val_iteration"].append(config.iters)
-    history["val_miou"].append(metrics["mean_iou"])
+    metrics = _record_miou(history, config.iters, config, model, train_set, val_set, num_classes, None)
     save_checkpoint(checkpoint, model, optimizer, meta(config.iters))
     write_logs(out, history)
     return {"checkpoint": str(checkpoint), "iteration": config.iters, "history": history, "val": metrics,
             "out": str(out), "model": model, "val_set": val_set}
+
+
+def _record_miou(history, iteration: int, config: TrainConfig, model, train_set, val_set, num_classes: int,
+                 limit: Optional[int]) -> Dict[str, Any]:
+    """Val mIoU (the first ``limit`` images, or all) and train mIoU (the first ``limit`` training images,
+    or 100, without augmentation) into ``history``; returns the val metrics."""
+    score = dict(device=config.device, eval_size=config.eval_size)
+    val = evaluate(model, val_set, num_classes, limit=limit, **score)
+    train_limit = limit if limit is not None else min(100, len(train_set))
+    history["val_iteration"].append(iteration)
+    history["val_miou"].append(val["mean_iou"])
+    history.setdefault("train_miou", []).append(evaluate(model, train_set, num_classes, limit=train_limit, **score)["mean_iou"])
+    return val
 
 
 def schedule_lr(optimizer) -> float:
@@ -229,7 +301,8 @@ def schedule_lr(optimizer) -> float:
 
 def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
     """Resuming with another model or data set would silently train something else."""
-    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale", "crop",
+    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
+             "shortcuts", "long_range", "crp_relu", "loss", "crop",
              "scale_min", "scale_max", "batch_size", "seed", "optimizer")
     defaults = TrainConfig()        # a key missing from an older checkpoint had its default then
     changed = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r} vs now {getattr(config, k)!r}"
@@ -269,10 +342,14 @@ def write_logs(out: Path, history: Dict[str, List]) -> None:
 
 
 # --------------------------------------------------------------------------- evaluation and prediction
-def predict_logits(model, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False,
-                   device: str = "cpu") -> np.ndarray:
-    """Class probabilities (C, H, W) for one normalised image (3, H, W), averaged over scales and flips."""
+def predict_probs(model, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False,
+                  device: str = "cpu", out_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Class probabilities (C, H', W') for one normalised image (3, H, W), averaged over scales and flips.
+
+    (H', W') is ``out_size`` if given, else (H, W): the network may see a resized image while the
+    probabilities are upsampled (bilinear) to the original label size, as the paper's protocol scores."""
     _, H, W = image.shape
+    out_size = (H, W) if out_size is None else tuple(out_size)
     x = Tensor(backend.to_device(image[None], device))
     total = None
     with no_grad():
@@ -284,23 +361,33 @@ def predict_logits(model, image: np.ndarray, scales: Sequence[float] = (1.0,), f
                 logits = model(inp)
                 if flipped:
                     logits = Tensor(logits.data[..., ::-1].copy())
-                if logits.shape[2:] != (H, W):
-                    logits = F.interpolate(logits, size=(H, W), align_corners=False)
+                if logits.shape[2:] != out_size:
+                    logits = F.interpolate(logits, size=out_size, align_corners=False)
                 probs = F.softmax(logits, axis=1).data[0]
                 total = probs if total is None else total + probs
     return backend.as_numpy(total) / (len(scales) * (2 if flip else 1))
 
 
+predict_logits = predict_probs   # the old name (it always returned probabilities)
+
+
 def evaluate(model, dataset, num_classes: int, scales: Sequence[float] = (1.0,), flip: bool = False,
-             device: str = "cpu", eval_size: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
-    """Pixel accuracy, per-class IoU and mIoU over ``dataset`` (one image at a time, any size)."""
+             device: str = "cpu", eval_size: Optional[int] = None, progress: bool = False,
+             limit: Optional[int] = None) -> Dict[str, Any]:
+    """Pixel accuracy, per-class IoU and mIoU over ``dataset`` (one image at a time, any size).
+
+    Always scored against the original masks: with ``eval_size`` the network sees the image resized
+    (shorter side = eval_size, for speed) and its probabilities are upsampled back to the mask's size
+    before the argmax. ``limit`` scores only the first that many images (a cheap curve during training)."""
     model.eval()
     confusion = RunningConfusion(num_classes)
-    transform = eval_transform(eval_size)
-    indices = _progress(range(len(dataset)), progress, total=len(dataset), desc="evaluate")
+    resize = eval_transform(eval_size)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = _progress(range(count), progress, total=count, desc="evaluate")
     for i in indices:
-        image, mask = transform(*dataset[i], None)
-        probs = predict_logits(model, image, scales, flip, device)
+        image, mask = dataset[i]
+        normalized, _ = resize(image, mask, None)      # the resized mask is not used
+        probs = predict_probs(model, normalized, scales, flip, device, out_size=mask.shape)
         confusion.update(probs.argmax(axis=0), mask)
     result = confusion.compute()
     return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
@@ -317,7 +404,7 @@ def predict_file(model, image_path: str, out_dir: str, scales: Sequence[float] =
     normalized, _ = eval_transform(None)(image, np.zeros(image.shape[:2], dtype=np.uint8), None)
     if min(image.shape[:2]) < 32:
         raise ValueError(f"{image_path}: image {image.shape[1]}x{image.shape[0]} is smaller than 32 pixels")
-    mask = predict_logits(model, normalized, scales, flip, device).argmax(axis=0).astype(np.uint8)
+    mask = predict_probs(model, normalized, scales, flip, device).argmax(axis=0).astype(np.uint8)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(image_path).stem
@@ -338,9 +425,7 @@ def save_val_predictions(config: TrainConfig, model, val_set, n: int = 4) -> Lis
     for i in range(min(n, len(val_set))):
         image, mask = val_set[i]
         normalized, _ = transform(image, mask, None)
-        pred = predict_logits(model, normalized, device=config.device).argmax(axis=0).astype(np.uint8)
-        if pred.shape != image.shape[:2]:
-            raise ValueError("eval_size changes the image size; predictions are drawn at the original size only")
+        pred = predict_probs(model, normalized, device=config.device, out_size=mask.shape).argmax(axis=0).astype(np.uint8)
         panel = np.concatenate([image, overlay(image, mask), overlay(image, pred)], axis=1)
         path = Path(config.out) / f"val_{i}.png"
         Image.fromarray(panel).save(path)

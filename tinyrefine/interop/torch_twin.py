@@ -181,12 +181,13 @@ class Head(nn.Module):
 
 
 class TorchRefineNet(nn.Module):
-    """The twin of ``tinyrefine.models.RefineNet`` (same arguments, bar ``seed``: load weights instead)."""
+    """The twin of ``tinyrefine.models.RefineNet`` (same arguments; ``seed`` and ``zero_init_residual``
+    only shape the initial weights, which the twin loads instead)."""
 
     def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
                  freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
                  shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, two_scale: bool = False,
-                 seed: int = 0) -> None:
+                 zero_init_residual: bool = False, seed: int = 0) -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")

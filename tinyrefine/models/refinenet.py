@@ -136,7 +136,7 @@ class RefineNet(Module):
     def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
                  freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
                  shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, two_scale: bool = False,
-                 seed: int = 0) -> None:
+                 zero_init_residual: bool = False, seed: int = 0) -> None:
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
         if cascade not in (1, 2, 4):
@@ -148,7 +148,7 @@ class RefineNet(Module):
         self.config = dict(num_classes=num_classes, encoder=encoder, n_crp=n_crp, cascade=cascade, freeze_bn=freeze_bn,
                            improved_crp=improved_crp, features=features, encoder_width=encoder_width,
                            shortcuts=shortcuts, long_range=long_range, crp_relu=crp_relu, two_scale=two_scale,
-                           seed=seed)
+                           zero_init_residual=zero_init_residual, seed=seed)
         self.num_classes, self.cascade, self.long_range, self.two_scale = num_classes, cascade, long_range, two_scale
         # optional: called as feature_hook([c1, c2, c3, c4]) on the encoder outputs in forward
         # (gradient-flow analysis registers Tensor hooks there); a returned list replaces them
@@ -183,6 +183,27 @@ class RefineNet(Module):
         else:
             self.refine1 = RefineNetBlock([f2, f, f, f], f, **block)              # 1/4
         self.head = Head(f, num_classes, shortcuts, rng)
+        if zero_init_residual:
+            self.zero_init_residual_branches()
+
+    def zero_init_residual_branches(self) -> None:
+        """Zero the last conv of every decoder residual branch (each RCU's conv2, each CRP conv).
+
+        The decoder then starts as identities plus the fusion convs, so its unnormalised sums
+        (2 RCUs per path, 4 CRP branches, cascaded 4 times) cannot amplify the first optimizer
+        step. Ours, after Fixup (Zhang et al. 2019) and "zero-gamma" (Goyal et al. 2017); the
+        paper and the official code use the default init. The zeroed convs still learn: an RCU's
+        conv2 and the first conv of each CRP chain get a gradient at the first step, each later CRP
+        conv once the one before it is nonzero. Needs the shortcuts (else a branch is the whole
+        signal and zero would cut it)."""
+        if not self.config["shortcuts"]:
+            raise ValueError("zero_init_residual needs shortcuts=True: without the identity a zeroed branch cuts the path")
+        for module in self.modules():
+            if isinstance(module, ResidualConvUnit):
+                module.conv2.weight.data[...] = 0
+            elif isinstance(module, ChainedResidualPooling):
+                for conv in module.convs:
+                    conv.weight.data[...] = 0
 
     def encoders(self) -> List[ResNet]:
         """The ResNet encoder(s): ``[encoder]``, or ``[encoder, encoder_small]`` for two_scale."""

@@ -104,3 +104,30 @@ def test_student_notebooks_are_generated_from_the_solutions():
     assert result.returncode == 0, result.stdout + result.stderr
     solutions = sorted(p.name for p in (ROOT / "notebooks" / "solutions").glob("*.ipynb"))
     assert solutions and all((ROOT / "notebooks" / name).exists() for name in solutions)
+
+
+def test_loss_and_optimisation_checks(capsys):
+    import tinyrefine as tr
+    from tinyrefine.optim import poly_lr
+
+    def ce(logits, target, ignore_index, divide_by_all=False):
+        x = tr.Tensor(logits, requires_grad=True)
+        loss = F.cross_entropy(x, target, ignore_index=ignore_index)
+        loss.backward()
+        if divide_by_all:
+            n_valid, n = (target != ignore_index).sum(), target.size
+            return loss.item() * n_valid / n, x.grad * n_valid / n
+        return loss.item(), x.grad
+    assert exercises.check_cross_entropy(ce)
+    assert not exercises.check_cross_entropy(lambda *a: ce(*a, divide_by_all=True))
+    assert "NOT ignored" in capsys.readouterr().out
+
+    def sgd(p, g, v, lr, mu, wd, decay_outside=False):
+        v = (g.copy() if v is None else mu * v + g) if decay_outside else \
+            ((g + wd * p).copy() if v is None else mu * v + g + wd * p)
+        return (p - lr * v - (lr * wd * p if decay_outside else 0)), v
+    assert exercises.check_sgd_step(sgd)
+    assert not exercises.check_sgd_step(lambda *a: sgd(*a, decay_outside=True))
+    assert exercises.check_poly_lr(poly_lr)
+    assert not exercises.check_poly_lr(lambda b, i, m, p: b * (1 - i / m) ** 2)
+    assert exercises.check_cross_entropy(stub) is False

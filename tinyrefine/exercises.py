@@ -265,3 +265,84 @@ def check_zero_init(zero_init) -> bool:
             _compare(p.data, expected[name].data, name)
 
     return _report("zero_init", [("every parameter", run)])
+
+
+# --------------------------------------------------------------------------- 08: loss and optimisation
+def check_cross_entropy(cross_entropy) -> bool:
+    """Notebook 08: ``cross_entropy(logits, target, ignore_index)`` -> (loss, dL/dlogits), NumPy arrays in and out,
+    as ``F.cross_entropy`` (mean over the pixels whose label is not ignore_index)."""
+    rng = np.random.default_rng(5)
+
+    def case(label, scale, ignored):
+        def run():
+            logits = rng.standard_normal((2, 3, 4, 5)) * scale
+            target = rng.integers(0, 3, (2, 4, 5))
+            if ignored:
+                target[:, 0] = 255
+            x = Tensor(logits, requires_grad=True)
+            loss = F.cross_entropy(x, target, ignore_index=255)
+            loss.backward()
+            got_loss, got_grad = cross_entropy(logits, target, 255)
+            valid = target != 255
+
+            def loss_hint(got, exp):
+                if ignored and np.isclose(float(got), float(exp) * valid.sum() / valid.size):
+                    return "you divide by all pixels: the mean is over the pixels that are NOT ignored"
+                if not np.isfinite(float(got)):
+                    return "overflow: subtract the max logit per pixel before exp (log-sum-exp)"
+                return None
+
+            def grad_hint(got, exp):
+                if ignored and np.abs(got[:, :, 0]).max() > 0:
+                    return "ignored pixels must get a zero gradient"
+                if not np.all(np.isfinite(got)):
+                    return "overflow: compute softmax as exp(z - max z) / sum exp(z - max z)"
+                if np.allclose(got * valid.sum(), exp * valid.sum() * valid.sum()):
+                    return "the gradient is (softmax - onehot) / (number of valid pixels)"
+                return None
+            _compare(np.asarray(got_loss), loss.data, "loss", loss_hint)
+            _compare(got_grad, x.grad, "dL/dlogits", grad_hint)
+        return label, run
+
+    return _report("cross_entropy", [case("no ignored pixels", 1.0, False), case("with ignored pixels", 1.0, True),
+                                     case("large logits (x1000)", 1000.0, True)])
+
+
+def check_sgd_step(sgd_step) -> bool:
+    """Notebook 08: ``sgd_step(p, grad, velocity, lr, momentum, weight_decay)`` -> (new p, new velocity), with
+    velocity None before the first step: torch's SGD, as ``tinyrefine.optim.SGD``."""
+    from .nn import Parameter
+    from .optim import SGD
+    rng = np.random.default_rng(6)
+
+    def run():
+        start = rng.standard_normal(5)
+        param = Parameter(start.copy())
+        optimizer = SGD([param], lr=0.1, momentum=0.9, weight_decay=0.01)
+        p, velocity = start.copy(), None
+        for step in range(3):
+            grad = rng.standard_normal(5)
+            param.grad = grad.copy()
+            optimizer.step()
+            before = p.copy()
+            p, velocity = sgd_step(p, grad, velocity, 0.1, 0.9, 0.01)
+
+            def hint(got, exp, step=step, before=before, grad=grad):
+                if step == 0 and np.allclose(got, before - 0.1 * 0.1 * (grad + 0.01 * before)):
+                    return "torch starts the velocity at the first gradient itself, not at (1 - momentum) * g or 0"
+                return "v = momentum * v + (g + weight_decay * p); p = p - lr * v  (weight decay inside the velocity)"
+            _compare(p, param.data, f"p after step {step + 1}", hint)
+
+    return _report("sgd_step", [("3 steps, momentum 0.9, weight decay 0.01", run)])
+
+
+def check_poly_lr(poly) -> bool:
+    """Notebook 08: ``poly(base_lr, iteration, max_iter, power)`` as ``tinyrefine.optim.poly_lr``."""
+    from .optim import poly_lr
+
+    def run():
+        for it in (0, 1, 250, 999, 1000):
+            _compare(poly(0.01, it, 1000, 0.9), poly_lr(0.01, it, 1000, 0.9), f"lr at iteration {it}",
+                     lambda got, exp: "lr = base_lr * (1 - iteration / max_iter) ** power")
+
+    return _report("poly", [("base 0.01, 1000 iterations, power 0.9", run)])

@@ -34,8 +34,7 @@ CASES = [
 
 def _sync(device: str) -> None:
     if device == "cuda":
-        import cupy
-        cupy.cuda.Device().synchronize()
+        tr.backend.synchronize()
 
 
 def _torch_sync(device: str) -> None:
@@ -118,6 +117,9 @@ def main() -> None:
         threads = torch.get_num_threads()
     except ImportError:
         torch_ok, threads = False, 0
+    if torch_ok and args.device == "cuda" and not torch.cuda.is_available():  # a CPU-only torch: tinyrefine alone
+        print(f"torch {torch.__version__} has no CUDA: tinyrefine alone")
+        torch_ok = False
     print(f"device={args.device}  numpy {np.__version__}  torch {'%s (%d threads)' % (torch.__version__, threads) if torch_ok else 'not installed'}"
           f"  median of {args.repeat}, forward+backward, float32")
     print(f"{'case':30s} {'tinyrefine ms':>14s} {'torch ms':>10s} {'ratio':>7s}")

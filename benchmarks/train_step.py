@@ -81,8 +81,7 @@ def run_tinyrefine(size: int, batch: int, steps: int, device: str) -> dict:
 
     def sync():
         if device == "cuda":
-            import cupy
-            cupy.cuda.Device().synchronize()
+            backend.synchronize()
 
     def step() -> float:
         zero_grad()
@@ -187,6 +186,8 @@ def main() -> None:
         ours, theirs = spawn("tinyrefine", args, size), spawn("torch", args, size)
         if "error" in ours or "error" in theirs:
             print(f"{size:>4}px  failed: tinyrefine: {ours.get('error', 'ok')}; torch: {theirs.get('error', 'ok')}")
+            if "error" not in ours:  # e.g. a torch without CUDA: tinyrefine's numbers still count
+                print(f"{size:>4}px  {ours['median_s']:>17.2f}  {'-':>12}  {'-':>10}  {ours[key]:>24.2f}", flush=True)
             continue
         print(f"{size:>4}px  {ours['median_s']:>17.2f}  {theirs['median_s']:>12.2f}  {ours['median_s'] / theirs['median_s']:>10.2f}  "
               f"{ours[key]:>24.2f}  {theirs[key]:>19.2f}  {ours[key] / theirs[key]:>9.2f}", flush=True)

@@ -110,6 +110,7 @@ def test_loading_a_gpu_state_dict_stays_on_the_device(transfer_log):
 
 def test_loss_and_interpolation_need_no_transfer(transfer_log):
     import tinyrefine.functional as F
+    F.interpolation_tables.cache_clear()                                # whatever earlier tests built
     x = tinyrefine.Tensor(cp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 4))), requires_grad=True)
     t = cp.asarray(np.random.default_rng(1).integers(0, 3, (2, 9, 7)))
     F.cross_entropy(F.interpolate(x, size=(9, 7)), t).backward()      # tables built here

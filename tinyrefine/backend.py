@@ -102,6 +102,12 @@ def launch(kernel, n: int, args: tuple, block: int = 256) -> None:
     kernel(((n + block - 1) // block,), (block,), args)
 
 
+def synchronize() -> None:
+    """Wait until the GPU has finished the work queued so far (timers need it; CuPy runs asynchronously)."""
+    if cuda_available():
+        _cupy.cuda.Device().synchronize()
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CuPy's out-of-memory errors (so callers can give advice without importing cupy)."""
     if _cupy is None:

@@ -218,3 +218,34 @@ def test_training_records_train_and_val_miou_during_the_run(tmp_path):
     assert history["val_iteration"] == [2, 4]
     assert len(history["val_miou"]) == len(history["train_miou"]) == 2
     assert history["lr"][0] == pytest.approx(history["lr"][1] / 2 * (1 - 0 / 4) ** 0.9 / (1 - 1 / 4) ** 0.9)
+
+
+def test_constant_background_baseline_and_iou_table():
+    from tinyrefine.train import constant_baseline, iou_table
+    masks = _Masks([np.array([[0, 0, 1, 255]], np.uint8), np.array([[0, 2, 2, 2]], np.uint8)])
+    base = constant_baseline(masks, 3)
+    # background predicted everywhere: IoU_bg = 3 / 7 valid pixels, the others 0
+    np.testing.assert_allclose(base["iou"], [3 / 7, 0, 0])
+    assert base["mean_iou"] == pytest.approx(1 / 7) and base["pixel_acc"] == pytest.approx(3 / 7)
+    table = iou_table(base, ["background", "cat", "dog"], base).splitlines()
+    assert table[0].split() == ["class", "IoU", "baseline"]
+    assert table[2].split() == ["cat", "0.000", "0.000"] and table[-2].split()[-1] == "0.143"
+
+
+def test_clip_grad_norm_matches_torch():
+    torch = pytest.importorskip("torch")
+    from tinyrefine.optim import clip_grad_norm
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in ((3, 4), (5,), (2, 2, 3))]
+    ours = [Parameter(np.zeros_like(g)) for g in grads]
+    theirs = [torch.zeros(g.shape, requires_grad=True) for g in grads]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.copy(), torch.tensor(g)
+    total = clip_grad_norm(ours, 1.5)
+    ref = torch.nn.utils.clip_grad_norm_(theirs, 1.5)
+    assert float(total) == pytest.approx(ref.item(), rel=1e-6)
+    for p, q in zip(ours, theirs):
+        np.testing.assert_allclose(p.grad, q.grad.numpy(), rtol=1e-5)
+    assert float(clip_grad_norm(ours, 100.0)) == pytest.approx(1.5, rel=1e-5)   # under the limit: unchanged
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm(ours, 0)

@@ -52,6 +52,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--loss", default=d["loss"], choices=["ce", "balanced", "ohem"],
                    help="ce (the paper's), balanced (median-frequency class weights) or ohem (hardest pixels)")
     p.add_argument("--ohem-fraction", type=float, default=d["ohem_fraction"], help="with --loss ohem: share of pixels kept")
+    p.add_argument("--clip-grad-norm", type=float, default=d["clip_grad_norm"],
+                   help="scale the gradients down to this global norm (off by default)")
     p.add_argument("--warmup-iters", type=int, default=d["warmup_iters"], help="linear learning-rate warm-up")
     p.add_argument("--no-zero-init", dest="zero_init_residual", action="store_false", default=d["zero_init_residual"],
                    help="keep the default init of the decoder's residual branches (zeroed by default)")
@@ -133,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics = T.evaluate(model, dataset, num_classes, args.scales, args.flip, args.device,
                              eval_size=args.eval_size, progress=True)
         print(json.dumps(metrics, indent=1))
+        baseline = T.constant_baseline(dataset, num_classes)
+        print(T.iou_table(metrics, dataset.classes, baseline) + "\n(baseline: background predicted everywhere)")
         print(f"{args.split} mIoU {metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  "
               f"(scales {args.scales}{', flip' if args.flip else ''})")
         return 0

@@ -127,6 +127,23 @@ class Adam(Optimizer):
         p.data -= (group["lr"] * m_hat / (xp.sqrt(v_hat) + group["eps"])).astype(p.dtype, copy=False)
 
 
+def clip_grad_norm(parameters: Iterable[Parameter], max_norm: float):
+    """Scale every gradient by min(1, max_norm / ||g||), ||g|| the norm of all of them together (as torch's
+    clip_grad_norm_). Returns ||g|| before clipping as a 0-d array on the gradients' device: nothing here
+    waits for the GPU."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        raise ValueError("clip_grad_norm: no parameter has a gradient (call backward first)")
+    if not max_norm > 0:
+        raise ValueError(f"clip_grad_norm: max_norm must be positive, got {max_norm}")
+    xp = backend.get_array_module(params[0].grad)
+    total = xp.sqrt(sum((p.grad.astype(np.float64) ** 2).sum() for p in params))
+    scale = xp.minimum(1.0, max_norm / (total + 1e-6))
+    for p in params:  # new arrays, not in place: a gradient array may be shared with another tensor
+        p.grad = p.grad * scale.astype(p.grad.dtype)
+    return total
+
+
 def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9) -> float:
     """The poly schedule: lr = base_lr * (1 - iteration / max_iter) ^ power."""
     if max_iter <= 0:

@@ -24,7 +24,7 @@ from .engine import Tensor, no_grad
 from .io import atomic_write_bytes, load_npz, load_npz_meta, load_torch_checkpoint, save_npz
 from .metrics import RunningConfusion
 from .models import RefineNet
-from .optim import SGD, Adam, PolyLR, encoder_decoder_groups
+from .optim import SGD, Adam, PolyLR, clip_grad_norm, encoder_decoder_groups
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,9 +67,10 @@ class TrainConfig:
     eval_limit: Optional[int] = None     # evaluations during the run score only this many val (and train) images
     pretrained: Optional[str] = None     # torchvision ResNet .pth for the encoder
     zero_init_residual: bool = True      # decoder residual branches start at zero (ours; see RefineNet)
-    warmup_iters: int = 0                # linear LR warm-up (Goyal et al. 2017)
+    warmup_iters: int = 100              # linear LR warm-up (Goyal et al. 2017): tames the first Adam steps
     loss: str = "ce"                     # ce | balanced (median-frequency class weights) | ohem (hardest pixels)
     ohem_fraction: float = 0.25          # with loss=ohem: the share of valid pixels kept per batch
+    clip_grad_norm: Optional[float] = None   # scale the gradients down to this global norm (None: off)
 
 
 # --------------------------------------------------------------------------- data
@@ -252,6 +253,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                     f"Try a lower --lr (now {config.lr}).")
             optimizer.zero_grad()
             loss.backward()
+            if config.clip_grad_norm:
+                clip_grad_norm(model.parameters(), config.clip_grad_norm)
             optimizer.step()
         except Exception as error:  # a CUDA out-of-memory error gets advice; everything else passes through
             if backend.is_out_of_memory(error):
@@ -392,6 +395,27 @@ def evaluate(model, dataset, num_classes: int, scales: Sequence[float] = (1.0,),
     result = confusion.compute()
     return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
             "iou": [float(v) for v in result["iou"]]}
+
+
+def constant_baseline(dataset, num_classes: int, label: int = 0, limit: Optional[int] = None) -> Dict[str, Any]:
+    """The metrics of predicting ``label`` (background) everywhere: the floor a trained model must beat."""
+    confusion = RunningConfusion(num_classes)
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        mask = dataset.load(i)[1]
+        confusion.update(np.full(mask.shape, label, dtype=np.int64), mask)
+    result = confusion.compute()
+    return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
+            "iou": [float(v) for v in result["iou"]]}
+
+
+def iou_table(metrics: Dict[str, Any], class_names: Sequence[str], baseline: Optional[Dict[str, Any]] = None) -> str:
+    """Per-class IoU as an aligned text table (NaN: the class is absent from the scored images)."""
+    rows = [f"{'class':14s}{'IoU':>8s}" + (f"{'baseline':>10s}" if baseline else "")]
+    for c, name in enumerate(class_names):
+        rows.append(f"{name:14s}{metrics['iou'][c]:8.3f}" + (f"{baseline['iou'][c]:10.3f}" if baseline else ""))
+    rows.append(f"{'mean IoU':14s}{metrics['mean_iou']:8.3f}" + (f"{baseline['mean_iou']:10.3f}" if baseline else ""))
+    rows.append(f"{'pixel acc':14s}{metrics['pixel_acc']:8.3f}" + (f"{baseline['pixel_acc']:10.3f}" if baseline else ""))
+    return "\n".join(rows)
 
 
 def predict_file(model, image_path: str, out_dir: str, scales: Sequence[float] = (1.0,), flip: bool = False,

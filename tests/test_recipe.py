@@ -249,3 +249,11 @@ def test_clip_grad_norm_matches_torch():
     assert float(clip_grad_norm(ours, 100.0)) == pytest.approx(1.5, rel=1e-5)   # under the limit: unchanged
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm(ours, 0)
+
+
+def test_python_dash_m_exits_non_zero_on_an_error(tmp_path):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "tinyrefine", "evaluate", "--checkpoint", str(tmp_path / "none.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "none.npz" in done.stderr

@@ -131,3 +131,26 @@ def test_loss_and_optimisation_checks(capsys):
     assert exercises.check_poly_lr(poly_lr)
     assert not exercises.check_poly_lr(lambda b, i, m, p: b * (1 - i / m) ** 2)
     assert exercises.check_cross_entropy(stub) is False
+
+
+def test_evaluation_and_batch_norm_checks(capsys):
+    from tinyrefine import metrics
+    assert exercises.check_confusion_matrix(metrics.confusion_matrix)
+    assert not exercises.check_confusion_matrix(lambda p, t, k, i: metrics.confusion_matrix(p, t, k, i).T)
+    assert "rows are the TRUE class" in capsys.readouterr().out
+    assert exercises.check_iou(lambda cm: (metrics.per_class_iou(cm), metrics.mean_iou(cm)))
+    assert not exercises.check_iou(lambda cm: (np.nan_to_num(metrics.per_class_iou(cm)), 0.5))
+
+    def bn(x, g, b, eps, ddof=0):
+        mean, var = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), ddof=ddof, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * g[None, :, None, None] + b[None, :, None, None]
+    assert exercises.check_batch_norm(bn)
+    assert not exercises.check_batch_norm(lambda *a: bn(*a, ddof=1))
+    assert "biased variance" in capsys.readouterr().out
+
+    def fold(w, b, g, beta, mean, var, eps, keep_bias=True):
+        s = g / np.sqrt(var + eps)
+        return w * s[:, None, None, None], ((b - mean) * s if keep_bias else -mean * s) + beta
+    assert exercises.check_fold_bn(fold)
+    assert not exercises.check_fold_bn(lambda *a: fold(*a, keep_bias=False))
+    assert "own bias b is normalised too" in capsys.readouterr().out

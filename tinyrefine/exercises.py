@@ -346,3 +346,109 @@ def check_poly_lr(poly) -> bool:
                      lambda got, exp: "lr = base_lr * (1 - iteration / max_iter) ** power")
 
     return _report("poly", [("base 0.01, 1000 iterations, power 0.9", run)])
+
+
+# --------------------------------------------------------------------------- 09: evaluation
+def check_confusion_matrix(confusion_matrix) -> bool:
+    """Notebook 09: ``confusion_matrix(pred, target, num_classes, ignore_index)`` -> (K, K) counts, rows = truth."""
+    from . import metrics
+    rng = np.random.default_rng(7)
+
+    def case(label, ignored):
+        def run():
+            target = rng.integers(0, 4, (2, 6, 7))
+            pred = rng.integers(0, 4, (2, 6, 7))
+            if ignored:
+                target[:, :, 0] = 255
+
+            def hint(got, exp):
+                if np.array_equal(got, exp.T):
+                    return "rows are the TRUE class, columns the prediction (cm[t, p])"
+                if ignored and got.sum() == target.size:
+                    return "pixels whose target is ignore_index must not be counted"
+                return None
+            _compare(confusion_matrix(pred, target, 4, 255), metrics.confusion_matrix(pred, target, 4, 255), "cm", hint)
+        return label, run
+
+    return _report("confusion_matrix", [case("no ignored pixels", False), case("with ignored pixels", True)])
+
+
+def check_iou(iou_from_confusion) -> bool:
+    """Notebook 09: ``iou_from_confusion(cm)`` -> (per-class IoU with NaN for absent classes, mean IoU)."""
+    from . import metrics
+    cm = np.array([[50, 2, 3, 0], [4, 10, 0, 0], [6, 0, 20, 0], [0, 0, 0, 0]])
+
+    def run():
+        per_class, mean = iou_from_confusion(cm)
+        per_class = np.asarray(per_class, dtype=np.float64)
+        expected = metrics.per_class_iou(cm)
+        if per_class.shape != expected.shape:
+            raise _Fail(f"per-class IoU has shape {per_class.shape}, expected {expected.shape}")
+        if not np.isnan(per_class[3]):
+            raise _Fail("class 3 never occurs (in truth or prediction): its IoU is undefined (NaN), not "
+                        f"{per_class[3]}, and it must not enter the mean")
+        recall = np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+
+        def hint(got, exp):
+            if np.allclose(got[:3], recall[:3]):
+                return "that is TP / (TP + FN) (recall): IoU's denominator also counts the false positives"
+            return "IoU = TP / (TP + FP + FN) = cm[c, c] / (row c + column c - cm[c, c])"
+        _compare(np.nan_to_num(per_class, nan=-1), np.nan_to_num(expected, nan=-1), "per-class IoU", hint)
+        _compare(np.asarray(mean), metrics.mean_iou(cm), "mean IoU",
+                 lambda got, exp: "average over the classes that occur only (nanmean)")
+
+    return _report("iou", [("4 classes, one absent", run)])
+
+
+# --------------------------------------------------------------------------- 10: batch normalisation
+def check_batch_norm(batch_norm_train) -> bool:
+    """Notebook 10: ``batch_norm_train(x, gamma, beta, eps)`` -> training-mode BN output (batch statistics,
+    per channel over N, H, W, biased variance), as ``F.batch_norm(..., training=True)``."""
+    rng = np.random.default_rng(8)
+
+    def run():
+        x = rng.standard_normal((4, 3, 5, 5)) * 3 + 2
+        gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+        expected = F.batch_norm(Tensor(x), None, None, Tensor(gamma), Tensor(beta), training=True, eps=1e-5)
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+        c = lambda a: a[None, :, None, None]
+
+        def hint(got, exp):
+            per_image = (x - x.mean(axis=(2, 3), keepdims=True)) / np.sqrt(x.var(axis=(2, 3), keepdims=True) + 1e-5)
+            if np.allclose(got, per_image * c(gamma) + c(beta)):
+                return "the statistics are per channel over the whole batch: axes (0, 2, 3), not per image"
+            if np.allclose(got, (x - c(mean)) / np.sqrt(c(x.var(axis=(0, 2, 3), ddof=1)) + 1e-5) * c(gamma) + c(beta)):
+                return "normalise with the biased variance (ddof=0); the unbiased one only goes into the running average"
+            return None
+        _compare(batch_norm_train(x, gamma, beta, 1e-5), expected, "BN(x)", hint)
+
+    return _report("batch_norm", [("(4, 3, 5, 5)", run)])
+
+
+def check_fold_bn(fold_bn) -> bool:
+    """Notebook 10: ``fold_bn(w, b, gamma, beta, mean, var, eps)`` -> (w', b') with
+    conv(x, w', b') == eval-mode BN(conv(x, w, b))."""
+    rng = np.random.default_rng(9)
+
+    def run():
+        w, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+        gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+        mean, var = rng.standard_normal(4), rng.random(4) + 0.5
+        x = Tensor(rng.standard_normal((2, 3, 6, 6)))
+        expected = F.batch_norm(F.conv2d(x, Tensor(w), Tensor(b), padding=1), mean, var, Tensor(gamma), Tensor(beta),
+                                training=False, eps=1e-5)
+        w2, b2 = fold_bn(w, b, gamma, beta, mean, var, 1e-5)
+        if np.shape(w2) != w.shape or np.shape(b2) != b.shape:
+            raise _Fail(f"shapes {np.shape(w2)}, {np.shape(b2)}: expected {w.shape}, {b.shape} (scale each OUTPUT channel)")
+        scale = gamma / np.sqrt(var + 1e-5)
+
+        def hint(got, exp):
+            if np.allclose(np.asarray(b2), beta - mean * scale):
+                return "the conv's own bias b is normalised too: b' = (b - mean) * scale + beta"
+            if np.allclose(np.asarray(w2), w * scale[None, :, None, None]):
+                return "scale along the output channels: w[o] * scale[o]"
+            return "scale = gamma / sqrt(var + eps); w' = w * scale[o]; b' = (b - mean) * scale + beta"
+        _compare(F.conv2d(x, Tensor(np.asarray(w2)), Tensor(np.asarray(b2)), padding=1), expected,
+                 "conv with the folded weights", hint)
+
+    return _report("fold_bn", [("conv 3 -> 4, 3x3", run)])

@@ -44,7 +44,7 @@ LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-1}
 if [ "$EMULATED" = 1 ]; then   # toy sizes: the emulator runs every GPU thread one after another
     LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-5}
     OPS_ARGS=(--only bilinear --repeat 1)
-    STEP_ARGS=(--sizes 64 --steps 1)
+    STEP_ARGS=(--sizes 32 --steps 1)
     DEMO_ARGS=(--iters 2 --data shapes:32 --crop 32 --eval-size 32)
 else
     OPS_ARGS=(--repeat 10)

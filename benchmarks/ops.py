@@ -117,10 +117,10 @@ def main() -> None:
         threads = torch.get_num_threads()
     except ImportError:
         torch_ok, threads = False, 0
+    missing = "not installed"
     if torch_ok and args.device == "cuda" and not torch.cuda.is_available():  # a CPU-only torch: tinyrefine alone
-        print(f"torch {torch.__version__} has no CUDA: tinyrefine alone")
-        torch_ok = False
-    print(f"device={args.device}  numpy {np.__version__}  torch {'%s (%d threads)' % (torch.__version__, threads) if torch_ok else 'not installed'}"
+        torch_ok, missing = False, f"{torch.__version__} without CUDA (not run)"
+    print(f"device={args.device}  numpy {np.__version__}  torch {'%s (%d threads)' % (torch.__version__, threads) if torch_ok else missing}"
           f"  median of {args.repeat}, forward+backward, float32")
     print(f"{'case':30s} {'tinyrefine ms':>14s} {'torch ms':>10s} {'ratio':>7s}")
     for name, kind, shape, extra in CASES:

@@ -211,7 +211,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                         device=config.device)
     class_weights = None
     if config.loss == "balanced":
-        class_weights = median_frequency_weights(class_frequencies(train_set, num_classes))
+        weights = median_frequency_weights(class_frequencies(train_set, num_classes)).astype(np.float32)
+        class_weights = backend.to_device(weights, config.device)     # uploaded once, not every step
     checkpoint = out / "checkpoint.npz"
     history: Dict[str, List] = {"iteration": [], "loss": [], "lr": [], "seconds": [], "val_iteration": [], "val_miou": [],
                                 "train_miou": []}
@@ -250,7 +251,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                 raise TrainingDiverged(
                     f"loss became {loss_value} at iteration {iteration}; stopped without updating the weights. "
                     f"The last good checkpoint ({checkpoint if checkpoint.exists() else 'none written yet'}) is intact. "
-                    f"Try a lower --lr (now {config.lr}).")
+                    f"Try a lower --lr (now {config.lr}), --warmup-iters or --clip-grad-norm"
+                    + (f"; on CUDA a mask label outside 0..{num_classes - 1} (other than 255) also gives a NaN loss"
+                       if config.device == "cuda" else "") + ".")
             optimizer.zero_grad()
             loss.backward()
             if config.clip_grad_norm:

@@ -395,6 +395,11 @@ def evaluate(model, dataset, num_classes: int, scales: Sequence[float] = (1.0,),
         normalized, _ = resize(image, mask, None)      # the resized mask is not used
         probs = predict_probs(model, normalized, scales, flip, device, out_size=mask.shape)
         confusion.update(probs.argmax(axis=0), mask)
+    return _scores(confusion)
+
+
+def _scores(confusion: RunningConfusion) -> Dict[str, Any]:
+    """The confusion's pixel accuracy, mIoU and per-class IoU as plain floats (JSON-ready)."""
     result = confusion.compute()
     return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
             "iou": [float(v) for v in result["iou"]]}
@@ -406,9 +411,7 @@ def constant_baseline(dataset, num_classes: int, label: int = 0, limit: Optional
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         mask = dataset.load(i)[1]
         confusion.update(np.full(mask.shape, label, dtype=np.int64), mask)
-    result = confusion.compute()
-    return {"pixel_acc": float(result["pixel_acc"]), "mean_iou": float(result["mean_iou"]),
-            "iou": [float(v) for v in result["iou"]]}
+    return _scores(confusion)
 
 
 def iou_table(metrics: Dict[str, Any], class_names: Sequence[str], baseline: Optional[Dict[str, Any]] = None) -> str:

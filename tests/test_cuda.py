@@ -366,7 +366,7 @@ def test_im2col_col2im_take_non_contiguous_arrays():
 
 def test_launch_refuses_non_contiguous_arrays():
     """The guard every kernel goes through: a strided view would be read as dense memory (garbage)."""
-    kernel = tr.backend.raw_kernel(F._COL2IM_CUDA, "col2im", np.float64)
+    kernel = tr.backend.raw_kernel(F.conv._COL2IM_CUDA, "col2im", np.float64)
     view = cp.zeros((4, 6))[:, ::2]
     with pytest.raises(ValueError, match="argument 0 .* not C-contiguous"):
         tr.backend.launch(kernel, 4, (view, cp.zeros(4), np.int64(4)))

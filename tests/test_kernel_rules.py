@@ -1,6 +1,8 @@
 """Rules the kernels keep on every machine (their CUDA side is checked in test_cuda.py):
 NumPy scalars are weak, NaN goes through max-pool as in torch, CUDA sources use no atomics,
 interpolation matrices are built once."""
+import importlib
+import pkgutil
 import re
 
 import numpy as np
@@ -59,16 +61,19 @@ def test_max_pool2d_nans_match_torch(shape, k, s, p):
 
 # --------------------------------------------------------------------------- CUDA sources
 def cuda_sources() -> dict:
-    """Every CUDA C source in functional.py (module strings and the ops' _CUDA attributes)."""
-    found = {name: v for name, v in vars(F).items() if isinstance(v, str) and "__global__" in v}
-    found.update({name: v._CUDA for name, v in vars(F).items() if isinstance(getattr(v, "_CUDA", None), str)})
+    """Every CUDA C source in tinyrefine.functional's modules (module strings and the ops' _CUDA attributes)."""
+    found = {}
+    for info in pkgutil.iter_modules(F.__path__):
+        module = importlib.import_module(f"{F.__name__}.{info.name}")
+        found.update({name: v for name, v in vars(module).items() if isinstance(v, str) and "__global__" in v})
+        found.update({name: v._CUDA for name, v in vars(module).items() if isinstance(getattr(v, "_CUDA", None), str)})
     return found
 
 
 def test_cuda_kernels_use_no_atomics():
     """Atomics sum in a different order each run (not bit-reproducible), and double atomicAdd needs sm_60."""
     sources = cuda_sources()
-    assert {"_IM2COL_CUDA", "_COL2IM_CUDA", "MaxPool2d", "Bilinear"} <= set(sources)
+    assert {"_IM2COL_CUDA", "_COL2IM_CUDA", "MaxPool2dFunction", "Bilinear"} <= set(sources)
     for name, source in sources.items():
         assert not re.search(r"\batomic[A-Z]\w*\s*\(", source), f"{name} uses an atomic operation"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend
 from .engine import Tensor, no_grad
-from .functional import _out_size, _pair
+from .functional.common import _out_size, _pair
 from .nn import Conv2d, Module
 
 

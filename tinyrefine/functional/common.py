@@ -1,0 +1,73 @@
+"""What the kernels share: argument checks, output sizes, the thread pool over planes, scratch buffers."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Tuple, Union
+
+import numpy as np
+
+from ..engine import Tensor
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+_plane_pool = None
+
+
+def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) -> None:
+    """Run ``work(a, b)`` over plane ranges covering [0, n_planes), on all cores.
+
+    NumPy runs an elementwise loop on one core (torch uses them all); numpy's loops
+    release the GIL, so threads over disjoint planes scale, and smaller chunks stay in cache.
+    Small jobs (under ~1M values) run inline: there the threads cost more than they save.
+    """
+    global _plane_pool
+    cores = os.cpu_count() or 1
+    if cores == 1 or n_planes < 2 or n_planes * plane_size < (1 << 20):
+        work(0, n_planes)
+        return
+    if _plane_pool is None:
+        _plane_pool = ThreadPoolExecutor(cores, thread_name_prefix="tinyrefine")
+    bounds = np.linspace(0, n_planes, min(n_planes, cores * chunks_per_core) + 1).astype(int)
+    for future in [_plane_pool.submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+        future.result()  # re-raises a worker's exception here
+
+
+def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else \
+        tuple(value) if isinstance(value, (tuple, list)) else (value,)  # (value,): a float fails below, clearly
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_input(x: Tensor, op: str, ndim: int = 4) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{op} expects a {ndim}-D input (N, C, H, W), got shape {x.shape}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{op} needs a floating-point input, got dtype {x.dtype}")
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+_scratch_buffers: dict = {}
+
+
+def scratch(role: str, shape: tuple, dtype) -> np.ndarray:
+    """A reusable host array for short-lived work (im2col columns and their gradient).
+
+    A fresh 100 MB array costs more in page faults than filling it does, so each role
+    keeps one buffer, grown when a larger one is asked for. Only valid until the next
+    call with the same role: never return it to the caller.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = _scratch_buffers.get(role)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _scratch_buffers[role] = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)

@@ -1,0 +1,227 @@
+"""conv2d as im2col + GEMM (stride, padding, dilation), with col2im, its adjoint, for the input gradient."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+from ..engine import Function, Tensor, as_tensor
+from .common import IntPair, _check_input, _out_size, _pair, over_planes, scratch
+
+
+def im2col(x, kernel, stride, padding, dilation, out=None):
+    """cols[n, c, p, q, i, j] = xpad[n, c, i*s + p*d, j*s + q*d]  -> (N, C, kh, kw, Ho, Wo)
+
+    One strided copy per kernel offset (kh*kw copies of an output-sized block).
+    ``out`` may be a preallocated array of that shape (conv2d passes a scratch buffer)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    N, C, H, W = x.shape
+    Ho, Wo = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    xp = get_array_module(x)
+    if xp is not np:
+        return _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo)
+    xpad = x
+    if ph or pw:
+        xpad = scratch("im2col.xpad", (N, C, H + 2 * ph, W + 2 * pw), x.dtype)
+        xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[..., :pw], xpad[..., W + pw:] = 0, 0, 0, 0
+        xpad[:, :, ph:ph + H, pw:pw + W] = x
+    cols = np.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype) if out is None else out
+    src, dst = xpad.reshape(N * C, *xpad.shape[2:]), cols.reshape(N * C, kh, kw, Ho, Wo)
+
+    def copy_offsets(a: int, b: int) -> None:  # planes a..b
+        for p in range(kh):
+            for q in range(kw):
+                dst[a:b, p, q] = src[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    over_planes(N * C, copy_offsets, kh * kw * Ho * Wo)
+    return cols
+
+
+_IM2COL_CUDA = r"""
+extern "C" __global__ void im2col(const T* x, T* cols, long long total, int C, int H, int W,
+                                  int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
+                                  int Ho, int Wo) {
+    // one thread per element of cols (N, C, kh, kw, Ho, Wo); zero where the window hits padding
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    int j = idx % Wo; long long r = idx / Wo;
+    int i = r % Ho; r /= Ho;
+    int q = r % kw; r /= kw;
+    int p = r % kh; r /= kh;            // r = n * C + c
+    int h = i * sh - ph + p * dh, w = j * sw - pw + q * dw;
+    cols[idx] = (h >= 0 && h < H && w >= 0 && w < W) ? x[(r * H + h) * W + w] : (T)0;
+}
+"""
+
+
+def _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo):
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    x = xp.ascontiguousarray(x)
+    cols = xp.empty((N, C, kernel[0], kernel[1], Ho, Wo), dtype=x.dtype)
+    k = backend.raw_kernel(_IM2COL_CUDA, "im2col", x.dtype)
+    backend.launch(k, cols.size, (x, cols, np.int64(cols.size), np.int32(C), np.int32(H), np.int32(W),
+                                  *[np.int32(v) for v in (*kernel, *stride, *padding, *dilation)], np.int32(Ho), np.int32(Wo)))
+    return cols
+
+
+def col2im(cols, x_shape, kernel, stride, padding, dilation):
+    """The adjoint of im2col: dx[n, c, h, w] = sum of cols entries that copied xpad[n, c, h, w].
+
+    Strided adds over the kernel offsets (np.add.at is several times slower here)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    N, C, H, W = x_shape
+    Ho, Wo = cols.shape[-2:]
+    xp = get_array_module(cols)
+    if xp is not np:
+        return _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation)
+    dxpad = scratch("col2im.dxpad", (N * C, H + 2 * ph, W + 2 * pw), cols.dtype)
+    src = cols.reshape(N * C, kh, kw, Ho, Wo)
+    dx = np.empty((N * C, H, W), dtype=cols.dtype)
+
+    def add_offsets(a: int, b: int) -> None:  # planes a..b
+        dxpad[a:b] = 0
+        for p in range(kh):
+            for q in range(kw):
+                dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += src[a:b, p, q]
+        dx[a:b] = dxpad[a:b, ph:ph + H, pw:pw + W]
+    over_planes(N * C, add_offsets, kh * kw * Ho * Wo)
+    return dx.reshape(x_shape)
+
+
+_COL2IM_CUDA = r"""
+extern "C" __global__ void col2im(const T* cols, T* dx, long long total, int C, int H, int W,
+                                  int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
+                                  int Ho, int Wo) {
+    // one thread per input element: gather every cols entry that copied it (no atomics)
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    int w = idx % W; long long r = idx / W;
+    int h = r % H; r /= H;              // r = n * C + c
+    T acc = 0;
+    for (int p = 0; p < kh; ++p) {
+        int hs = h + ph - p * dh;       // = i * sh for the output row i that read (h, w) at offset p
+        if (hs < 0 || hs % sh) continue;
+        int i = hs / sh; if (i >= Ho) continue;
+        for (int q = 0; q < kw; ++q) {
+            int ws = w + pw - q * dw;
+            if (ws < 0 || ws % sw) continue;
+            int j = ws / sw; if (j >= Wo) continue;
+            acc += cols[(((r * kh + p) * kw + q) * Ho + i) * Wo + j];
+        }
+    }
+    dx[idx] = acc;
+}
+"""
+
+
+def _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation):
+    xp = get_array_module(cols)
+    N, C, H, W = x_shape
+    Ho, Wo = cols.shape[-2:]
+    cols = xp.ascontiguousarray(cols)
+    dx = xp.empty(x_shape, dtype=cols.dtype)
+    k = backend.raw_kernel(_COL2IM_CUDA, "col2im", cols.dtype)
+    backend.launch(k, dx.size, (cols, dx, np.int64(dx.size), np.int32(C), np.int32(H), np.int32(W),
+                                *[np.int32(v) for v in (*kernel, *stride, *padding, *dilation)], np.int32(Ho), np.int32(Wo)))
+    return dx
+
+
+class Conv2dFunction(Function):
+    """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
+
+    As GEMMs: y[n] = W (O, C*kh*kw) @ cols[n] (C*kh*kw, Ho*Wo), one per image on the CPU,
+    one batched GEMM for all images on CUDA (a Python loop of small launches would starve the GPU).
+    Backward: dW = sum_n gy[n] @ cols[n]^T, dcols[n] = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
+    Forward saves x and W, not cols: recomputing cols in backward costs one copy,
+    keeping them would cost kh*kw times the input's memory per layer.
+    """
+
+    def __init__(self, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1) -> None:
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+
+    def _cols(self, x):  # (N, C*kh*kw, Ho*Wo); a free view for a 1x1, stride-1, unpadded conv
+        kernel = self.w_shape[2:]
+        if kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+            return x.reshape(x.shape[0], x.shape[1], -1)
+        out_hw = tuple(_out_size(x.shape[2 + a], kernel[a], self.stride[a], self.padding[a], self.dilation[a]) for a in (0, 1))
+        buffer = scratch("conv.cols", (*x.shape[:2], *kernel, *out_hw), x.dtype) if get_array_module(x) is np else None
+        cols = im2col(x, kernel, self.stride, self.padding, self.dilation, out=buffer)
+        self.out_hw = out_hw
+        return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+
+    def forward(self, x, w, b=None):
+        self.x, self.w, self.w_shape, self.has_bias = x, w, w.shape, b is not None
+        self.out_hw = x.shape[2:]
+        xp = get_array_module(x)
+        cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
+        w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
+        y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
+        if xp is np:
+            for n in range(x.shape[0]):  # one GEMM per image (faster than numpy's broadcast matmul)
+                np.matmul(w2, cols[n], out=y[n])
+        else:
+            xp.matmul(w2, cols, out=y)                                  # one batched GEMM
+        if b is not None:
+            y += b.reshape(1, -1, 1)
+        return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
+
+    def backward(self, gy):
+        x, w = self.x, self.w
+        xp = get_array_module(gy)
+        N, O = gy.shape[:2]
+        gy2 = gy.reshape(N, O, -1)                                      # (N, O, Ho*Wo)
+        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
+        gw = None
+        if self.needs_input_grad[1]:
+            cols = self._cols(x)
+            if xp is np:
+                gw = gy2[0] @ cols[0].T                                 # sum_n gy[n] @ cols[n]^T
+                for n in range(1, N):
+                    gw += gy2[n] @ cols[n].T
+            else:  # one batched GEMM, then a fixed-order sum over images (deterministic, unlike atomics)
+                gw = xp.matmul(gy2, cols.transpose(0, 2, 1)).sum(axis=0)
+            gw = gw.reshape(w.shape)
+            del cols  # on CUDA: free before the column gradient of the same size is made
+        if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image
+            return (None, gw, gb) if self.has_bias else (None, gw)
+        kernel, w_t = w.shape[2:], w.reshape(O, -1).T                   # (C*kh*kw, O)
+        one_by_one = kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        shape = (N, w_t.shape[0], gy2.shape[2])
+        gcols = xp.empty(shape, dtype=gy.dtype) if (one_by_one or xp is not np) else scratch("conv.gcols", shape, gy.dtype)
+        if xp is np:
+            for n in range(N):
+                np.matmul(w_t, gy2[n], out=gcols[n])                    # dcols = W^T @ gy[n]
+        else:
+            xp.matmul(w_t, gy2, out=gcols)                              # one batched GEMM
+        if one_by_one:
+            gx = gcols.reshape(x.shape)
+        else:
+            gcols = gcols.reshape(N, x.shape[1], kernel[0], kernel[1], *gy.shape[2:])
+            gx = col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+           padding: IntPair = 0, dilation: IntPair = 1) -> Tensor:
+    """2-D convolution (cross-correlation, like torch), NCHW input, weight (C_out, C_in, kH, kW)."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    _check_input(x, "conv2d")
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d weight must be 4-D (C_out, C_in, kH, kW), got shape {weight.shape}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d channel mismatch: input {x.shape} has {x.shape[1]} channels, "
+                         f"weight {weight.shape} expects {weight.shape[1]}")
+    if bias is not None and as_tensor(bias).shape != (weight.shape[0],):
+        raise ValueError(f"conv2d bias must have shape ({weight.shape[0]},), got {as_tensor(bias).shape}")
+    op = Conv2dFunction(stride, padding, dilation)
+    for axis in (0, 1):
+        span = op.dilation[axis] * (weight.shape[2 + axis] - 1) + 1
+        padded = x.shape[2 + axis] + 2 * op.padding[axis]
+        if span > padded:
+            raise ValueError(f"conv2d kernel {tuple(weight.shape[2:])} with dilation {op.dilation} spans {span} "
+                             f"but the padded input is only {padded} ({'HW'[axis]} of input {x.shape}, padding {op.padding})")
+    return op(x, weight) if bias is None else op(x, weight, bias)

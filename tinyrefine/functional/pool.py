@@ -1,0 +1,185 @@
+"""Max pooling with -inf padding (chained residual pooling uses 5x5, stride 1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+from ..engine import Function, Tensor, as_tensor
+from .common import IntPair, _check_input, _out_size, _pair, over_planes
+
+
+class MaxPool2dFunction(Function):
+    """y[n, c, i, j] = max_{p,q} xpad[n, c, i*s + p, j*s + q], padding with -inf.
+
+    -inf, not zero: CRP pools the output of a ReLU'd-then-convolved path, which
+    can be negative everywhere, and a zero pad would invent a maximum of 0.
+    The max is separable: a max along W (over q), then along H (over p). Each
+    stage keeps the first offset that reaches its maximum, so a tie goes to
+    the first element of the window in row-major order (smallest row, then
+    smallest column) -- the same element torch picks. A NaN beats every number
+    and a later NaN an earlier one, so y is NaN and its gradient goes to the
+    window's last NaN in row-major order (torch's rule: a divergence shows).
+    Backward sends each gradient to that one element; overlapping windows
+    (stride < kernel) add up.
+    """
+
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> None:
+        self.kernel = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride if stride is not None else kernel_size, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+
+    @staticmethod
+    def _max_along(x, axis: int, k: int, s: int, best, arg, nan_aware: bool = False) -> None:
+        """Running max over k taps along ``axis`` (stride s) into ``best``, first arg offset into ``arg``.
+
+        Only plain ufuncs with ``out=``: ``np.copyto(..., where=)`` is ~10x slower here.
+        ``arg = max(arg, t * better)`` records t exactly where tap t is strictly better,
+        because t exceeds every earlier offset. ``nan_aware``: a NaN tap is always better
+        (np.maximum already carries the NaN into ``best``); off when x has none, to save a pass."""
+        n_out = best.shape[axis]
+
+        def tap(t):
+            index = [slice(None)] * x.ndim
+            index[axis] = slice(t, t + s * (n_out - 1) + 1, s)
+            return x[tuple(index)]
+        np.copyto(best, tap(0))
+        arg.fill(0)
+        better = np.empty(best.shape, dtype=bool)
+        offset = np.empty(best.shape, dtype=np.uint8)
+        for t in range(1, k):
+            v = tap(t)
+            np.greater(v, best, out=better)   # strict: an equal value keeps the earlier offset
+            if nan_aware:
+                better |= np.isnan(v)
+            np.maximum(best, v, out=best)
+            np.multiply(better.view(np.uint8), t, out=offset)
+            np.maximum(arg, offset, out=arg)
+
+    @staticmethod
+    def _scatter_along(g, arg, axis: int, k: int, s: int, size: int):
+        """Adjoint of _max_along: send g to offset arg along ``axis`` (strided adds, no add.at)."""
+        shape = list(g.shape)
+        shape[axis] = size
+        out = np.zeros(shape, dtype=g.dtype)
+        n_out = g.shape[axis]
+        hit = np.empty(g.shape, dtype=bool)
+        routed = np.empty(g.shape, dtype=g.dtype)
+        for t in range(k):
+            index = [slice(None)] * g.ndim
+            index[axis] = slice(t, t + s * (n_out - 1) + 1, s)
+            np.equal(arg, t, out=hit)
+            np.multiply(g, hit, out=routed)   # (an inf in g would leak NaN to its neighbours; finite g is exact)
+            out[tuple(index)] += routed
+        return out
+
+    def forward(self, x):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        N, C, H, W = x.shape
+        Ho, Wo = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
+        self.x_shape = x.shape
+        if get_array_module(x) is not np:
+            return self._forward_cuda(x, Ho, Wo)
+        planes = x.reshape(N * C, H, W)
+        y = np.empty((N * C, Ho, Wo), dtype=x.dtype)
+        self.arg_w = np.empty((N * C, H + 2 * ph, Wo), dtype=np.uint8)   # column offset of each row max
+        self.arg_h = np.empty((N * C, Ho, Wo), dtype=np.uint8)           # row offset of each window max
+
+        def pool(a: int, b: int) -> None:  # planes a..b
+            xpad = np.full((b - a, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
+            xpad[:, ph:ph + H, pw:pw + W] = planes[a:b]
+            rows = np.empty((b - a, H + 2 * ph, Wo), dtype=x.dtype)
+            nan_aware = bool(np.isnan(planes[a:b]).any())
+            self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b], nan_aware)     # max along W
+            self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b], nan_aware)  # then along H
+        over_planes(N * C, pool, kh * H * W)
+        return y.reshape(N, C, Ho, Wo)
+
+    def backward(self, gy):
+        if get_array_module(gy) is not np:
+            return self._backward_cuda(gy)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        N, C, H, W = self.x_shape
+        g_planes = gy.reshape(N * C, *gy.shape[2:])
+        gx = np.empty((N * C, H, W), dtype=gy.dtype)
+
+        def unpool(a: int, b: int) -> None:
+            g_rows = self._scatter_along(g_planes[a:b], self.arg_h[a:b], 1, kh, sh, H + 2 * ph)  # (P, H+2ph, Wo)
+            g_pad = self._scatter_along(g_rows, self.arg_w[a:b], 2, kw, sw, W + 2 * pw)         # (P, H+2ph, W+2pw)
+            gx[a:b] = g_pad[:, ph:ph + H, pw:pw + W]
+        over_planes(N * C, unpool, kh * H * W)
+        return gx.reshape(self.x_shape)
+
+    # ---- CUDA twin: one thread per output scans its window in row-major order (same tie and NaN rules);
+    # backward gathers, per input element, the outputs whose argmax is that element (no atomics).
+    _CUDA = r"""
+    extern "C" __global__ void maxpool_fwd(const T* x, T* y, int* arg, long long total, int H, int W, int Ho, int Wo,
+                                           int kh, int kw, int sh, int sw, int ph, int pw) {
+        long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (idx >= total) return;
+        int j = idx % Wo; long long r = idx / Wo; int i = r % Ho; r /= Ho;
+        const T* plane = x + r * H * W;
+        T best = 0; int best_at = -1;      // best_at < 0: nothing seen yet (the pad acts as -inf)
+        for (int p = 0; p < kh; ++p) {
+            int h = i * sh - ph + p; if (h < 0 || h >= H) continue;
+            for (int q = 0; q < kw; ++q) {
+                int w = j * sw - pw + q; if (w < 0 || w >= W) continue;
+                T v = plane[h * W + w];
+                if (v > best || v != v || best_at < 0) { best = v; best_at = h * W + w; }   // v != v: NaN
+            }
+        }
+        y[idx] = best; arg[idx] = best_at;
+    }
+    extern "C" __global__ void maxpool_bwd(const T* gy, const int* arg, T* gx, long long total, int H, int W, int Ho, int Wo,
+                                           int kh, int kw, int sh, int sw, int ph, int pw) {
+        long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (idx >= total) return;
+        int w = idx % W; long long r = idx / W; int h = r % H; r /= H;
+        int i_lo = max(0, (h + ph - kh + sh) / sh), i_hi = min(Ho - 1, (h + ph) / sh);
+        int j_lo = max(0, (w + pw - kw + sw) / sw), j_hi = min(Wo - 1, (w + pw) / sw);
+        T acc = 0;
+        for (int i = i_lo; i <= i_hi; ++i)
+            for (int j = j_lo; j <= j_hi; ++j) {
+                long long o = (r * Ho + i) * Wo + j;
+                if (arg[o] == h * W + w) acc += gy[o];
+            }
+        gx[idx] = acc;
+    }
+    """
+
+    def _geometry(self):
+        N, C, H, W = self.x_shape
+        return (np.int32(H), np.int32(W), np.int32(self.out_hw[0]), np.int32(self.out_hw[1]),
+                *[np.int32(v) for v in (*self.kernel, *self.stride, *self.padding)])
+
+    def _forward_cuda(self, x, Ho, Wo):
+        xp = get_array_module(x)
+        x = xp.ascontiguousarray(x)
+        self.out_hw = (Ho, Wo)
+        y = xp.empty((x.shape[0], x.shape[1], Ho, Wo), dtype=x.dtype)
+        self.arg = xp.empty(y.shape, dtype=np.int32)
+        backend.launch(backend.raw_kernel(self._CUDA, "maxpool_fwd", x.dtype), y.size, (x, y, self.arg, np.int64(y.size), *self._geometry()))
+        return y
+
+    def _backward_cuda(self, gy):
+        xp = get_array_module(gy)
+        gx = xp.empty(self.x_shape, dtype=gy.dtype)
+        backend.launch(backend.raw_kernel(self._CUDA, "maxpool_bwd", gy.dtype), gx.size,
+                       (xp.ascontiguousarray(gy), self.arg, gx, np.int64(gx.size), *self._geometry()))
+        return gx
+
+
+def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
+    """Max pooling with -inf padding; ``stride`` defaults to ``kernel_size``."""
+    x = as_tensor(x)
+    _check_input(x, "max_pool2d")
+    op = MaxPool2dFunction(kernel_size, stride, padding)
+    for axis in (0, 1):
+        if op.padding[axis] > op.kernel[axis] // 2:
+            raise ValueError(f"max_pool2d padding {op.padding} must be at most half the kernel {op.kernel}")
+        if op.kernel[axis] > x.shape[2 + axis] + 2 * op.padding[axis]:
+            raise ValueError(f"max_pool2d kernel {op.kernel} is larger than the padded input "
+                             f"({x.shape} with padding {op.padding})")
+    return op(x)

@@ -11,8 +11,22 @@ from ..engine import Function, Tensor, as_tensor
 from .common import IntPair, _check_input, _out_size, _pair, over_planes
 
 
+MAX_POOL_TAPS = 1 << 16   # per axis: the widest offset dtype below is uint16
+
+
+def offset_dtype(taps: int) -> np.dtype:
+    """The smallest unsigned dtype that holds a window offset 0..taps-1."""
+    return np.dtype(np.uint8) if taps <= 256 else np.dtype(np.uint16)
+
+
 class MaxPool2dFunction(Function):
     """y[n, c, i, j] = max_{p,q} xpad[n, c, i*s + p, j*s + q], padding with -inf.
+
+    The plain definition, as a loop over windows (what the code below computes faster):
+
+        for n, c, i, j:
+            window = xpad[n, c, i*sh : i*sh + kh, j*sw : j*sw + kw]
+            y[n, c, i, j] = window.max()             # backward: its argmax receives gy[n, c, i, j]
 
     -inf, not zero: CRP pools the output of a ReLU'd-then-convolved path, which
     can be negative everywhere, and a zero pad would invent a maximum of 0.
@@ -23,7 +37,8 @@ class MaxPool2dFunction(Function):
     and a later NaN an earlier one, so y is NaN and its gradient goes to the
     window's last NaN in row-major order (torch's rule: a divergence shows).
     Backward sends each gradient to that one element; overlapping windows
-    (stride < kernel) add up.
+    (stride < kernel) add up. The offsets are stored as uint8 (a quarter of a
+    float32 map) up to 256 taps per axis, uint16 above; larger kernels are refused.
     """
 
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> None:
@@ -48,14 +63,14 @@ class MaxPool2dFunction(Function):
         np.copyto(best, tap(0))
         arg.fill(0)
         better = np.empty(best.shape, dtype=bool)
-        offset = np.empty(best.shape, dtype=np.uint8)
+        offset = np.empty(best.shape, dtype=arg.dtype)
         for t in range(1, k):
             v = tap(t)
             np.greater(v, best, out=better)   # strict: an equal value keeps the earlier offset
             if nan_aware:
                 better |= np.isnan(v)
             np.maximum(best, v, out=best)
-            np.multiply(better.view(np.uint8), t, out=offset)
+            np.multiply(better, arg.dtype.type(t), out=offset)  # t where tap t is better, else 0
             np.maximum(arg, offset, out=arg)
 
     @staticmethod
@@ -84,16 +99,18 @@ class MaxPool2dFunction(Function):
             return self._forward_cuda(x, Ho, Wo)
         planes = x.reshape(N * C, H, W)
         y = np.empty((N * C, Ho, Wo), dtype=x.dtype)
-        self.arg_w = np.empty((N * C, H + 2 * ph, Wo), dtype=np.uint8)   # column offset of each row max
-        self.arg_h = np.empty((N * C, Ho, Wo), dtype=np.uint8)           # row offset of each window max
+        # stage 1 keeps, for every padded row and output column j, the column offset q of that row's max;
+        # stage 2 keeps, for every output (i, j), the row offset p of the window's max
+        self.col_offset_of_row_max = np.empty((N * C, H + 2 * ph, Wo), dtype=offset_dtype(kw))
+        self.row_offset_of_window_max = np.empty((N * C, Ho, Wo), dtype=offset_dtype(kh))
 
         def pool(a: int, b: int) -> None:  # planes a..b
             xpad = np.full((b - a, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
             xpad[:, ph:ph + H, pw:pw + W] = planes[a:b]
             rows = np.empty((b - a, H + 2 * ph, Wo), dtype=x.dtype)
             nan_aware = bool(np.isnan(planes[a:b]).any())
-            self._max_along(xpad, 2, kw, sw, rows, self.arg_w[a:b], nan_aware)     # max along W
-            self._max_along(rows, 1, kh, sh, y[a:b], self.arg_h[a:b], nan_aware)  # then along H
+            self._max_along(xpad, 2, kw, sw, rows, self.col_offset_of_row_max[a:b], nan_aware)     # max along W
+            self._max_along(rows, 1, kh, sh, y[a:b], self.row_offset_of_window_max[a:b], nan_aware)  # then along H
         over_planes(N * C, pool, kh * H * W)
         return y.reshape(N, C, Ho, Wo)
 
@@ -106,8 +123,8 @@ class MaxPool2dFunction(Function):
         gx = np.empty((N * C, H, W), dtype=gy.dtype)
 
         def unpool(a: int, b: int) -> None:
-            g_rows = self._scatter_along(g_planes[a:b], self.arg_h[a:b], 1, kh, sh, H + 2 * ph)  # (P, H+2ph, Wo)
-            g_pad = self._scatter_along(g_rows, self.arg_w[a:b], 2, kw, sw, W + 2 * pw)         # (P, H+2ph, W+2pw)
+            g_rows = self._scatter_along(g_planes[a:b], self.row_offset_of_window_max[a:b], 1, kh, sh, H + 2 * ph)  # (P, H+2ph, Wo)
+            g_pad = self._scatter_along(g_rows, self.col_offset_of_row_max[a:b], 2, kw, sw, W + 2 * pw)  # (P, H+2ph, W+2pw)
             gx[a:b] = g_pad[:, ph:ph + H, pw:pw + W]
         over_planes(N * C, unpool, kh * H * W)
         return gx.reshape(self.x_shape)
@@ -176,6 +193,8 @@ def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None
     x = as_tensor(x)
     _check_input(x, "max_pool2d")
     op = MaxPool2dFunction(kernel_size, stride, padding)
+    if max(op.kernel) > MAX_POOL_TAPS:
+        raise ValueError(f"max_pool2d kernel {op.kernel} has more than {MAX_POOL_TAPS} taps along an axis")
     for axis in (0, 1):
         if op.padding[axis] > op.kernel[axis] // 2:
             raise ValueError(f"max_pool2d padding {op.padding} must be at most half the kernel {op.kernel}")

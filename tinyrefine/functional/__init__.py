@@ -3,7 +3,8 @@
 One module per kernel family, so a kernel is found by its file name:
 
     conv.py         conv2d = im2col + GEMM; col2im, its adjoint
-    pool.py         max_pool2d (-inf padding, torch's tie and NaN rules)
+    pool.py         max_pool2d (-inf padding, torch's tie and NaN rules); adaptive_avg_pool2d:
+                    average pooling as two matrix products (P_h x P_w^T), exact adjoint
     upsample.py     interpolate: bilinear as two matrix products, exact adjoint
     norm.py         batch_norm
     loss.py         softmax, log_softmax, cross_entropy (ignore index)
@@ -33,7 +34,7 @@ from .elementwise import (
 )
 from .loss import CrossEntropy, LogSoftmax, Softmax, cross_entropy, log_softmax, softmax
 from .norm import BatchNorm, batch_norm
-from .pool import MaxPool2dFunction, max_pool2d
+from .pool import AdaptiveAvgPool2dFunction, MaxPool2dFunction, adaptive_avg_pool2d, adaptive_pool_matrix, max_pool2d
 from .upsample import (
            Bilinear,
            interpolate,
@@ -42,8 +43,9 @@ from .upsample import (
            interpolation_taps,
 )
 
-__all__ = ["Bilinear", "BatchNorm", "Concat", "Conv2dFunction", "CrossEntropy", "DropoutFunction", "IntPair",
-           "LogSoftmax", "MaxPool2dFunction", "Pad", "ReLUFunction", "Softmax", "add", "batch_norm", "col2im",
+__all__ = ["AdaptiveAvgPool2dFunction", "Bilinear", "BatchNorm", "Concat", "Conv2dFunction", "CrossEntropy", "DropoutFunction", "IntPair",
+           "LogSoftmax", "MaxPool2dFunction", "Pad", "ReLUFunction", "Softmax", "adaptive_avg_pool2d",
+           "adaptive_pool_matrix", "add", "batch_norm", "col2im",
            "concat", "conv2d", "cross_entropy", "dropout", "im2col", "interpolate", "interpolation_matrix",
            "interpolation_tables", "interpolation_taps", "log_softmax", "max_pool2d", "over_planes", "pad",
            "relu", "scratch", "softmax"]

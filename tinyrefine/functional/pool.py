@@ -1,7 +1,8 @@
 """Max pooling with -inf padding (chained residual pooling uses 5x5, stride 1)."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -40,6 +41,7 @@ class MaxPool2dFunction(Function):
     (stride < kernel) add up. The offsets are stored as uint8 (a quarter of a
     float32 map) up to 256 taps per axis, uint16 above; larger kernels are refused.
     """
+    saves_inputs = False  # keeps the argmax offsets, not x
 
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> None:
         self.kernel = _pair(kernel_size, "kernel_size", 1)
@@ -202,3 +204,109 @@ def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None
             raise ValueError(f"max_pool2d kernel {op.kernel} is larger than the padded input "
                              f"({x.shape} with padding {op.padding})")
     return op(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Average pooling is linear and separable: each output averages a rectangle of rows x columns, so per (n, c)
+# plane y = P_h @ x @ P_w^T with one pooling matrix per axis (as Bilinear does with its interpolation
+# matrices), and its backward is the exact adjoint gx = P_h^T @ gy @ P_w. Written with matrix products only,
+# the same code runs on NumPy and CuPy.
+
+def _window_matrix(n_in: int, starts: np.ndarray, ends: np.ndarray, divisors: np.ndarray) -> np.ndarray:
+    """(n_out, n_in): row o is 1/divisors[o] on columns starts[o] .. ends[o]-1, zero elsewhere."""
+    columns = np.arange(n_in)
+    inside = (columns >= starts[:, None]) & (columns < ends[:, None])    # (n_out, n_in)
+    return inside / divisors[:, None].astype(np.float64)
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) for adaptive average pooling along one axis, torch's bins:
+    row i averages inputs start = floor(i * n_in / n_out) .. end = ceil((i + 1) * n_in / n_out), end excluded.
+    Bins overlap when n_in is not a multiple of n_out; n_out > n_in repeats inputs (torch allows both)."""
+    i = np.arange(n_out)
+    starts = (i * n_in) // n_out
+    ends = -((-(i + 1) * n_in) // n_out)   # ceil division in integers
+    return _window_matrix(n_in, starts, ends, ends - starts)
+
+
+def avg_pool_size(n_in: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length along one axis, torch's rule: floor (or ceil) of (n + 2p - k) / s, plus 1;
+    in ceil mode a last window that would start inside the right padding is dropped."""
+    n_out = (n_in + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (n_out - 1) * stride >= n_in + padding:
+        n_out -= 1
+    return n_out
+
+
+def avg_pool_matrix(n_in: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False,
+                    count_include_pad: bool = True, divisor: Optional[int] = None) -> np.ndarray:
+    """(n_out, n_in) for average pooling along one axis with zero padding, torch's divisors:
+    a window spans start = o*s - p .. min(start + k, n + p) in input coordinates (the padded zeros add
+    nothing, so only the columns inside the input are non-zero); it divides by that span when
+    ``count_include_pad``, else by the number of input elements it covers, or by ``divisor`` if given."""
+    n_out = avg_pool_size(n_in, kernel, stride, padding, ceil_mode)
+    starts = np.arange(n_out) * stride - padding
+    ends = np.minimum(starts + kernel, n_in + padding)                   # ceil mode: stops at the padded border
+    span = ends - starts                                                 # counts the padding
+    starts, ends = np.maximum(starts, 0), np.minimum(ends, n_in)
+    divisors = np.full(n_out, divisor) if divisor is not None else span if count_include_pad else ends - starts
+    return _window_matrix(n_in, starts, ends, divisors)
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_matrix(builder, args: tuple, dtype, device: str):
+    """``builder(*args)`` in ``dtype`` on ``device``, built once and shared (never written to): a training
+    step uploads nothing."""
+    matrix = builder(*args).astype(dtype)
+    if device == "cpu":
+        matrix.setflags(write=False)
+        return matrix
+    return backend.to_device(np.ascontiguousarray(matrix), device)
+
+
+class _SeparablePool2d(Function):
+    """y = P_h @ x @ P_w^T per (n, c) plane; gx = P_h^T @ gy @ P_w (the exact adjoint).
+    Subclasses say which matrices: ``_matrices(H, W, dtype, device) -> (P_h (Ho, H), P_w (Wo, W))``."""
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        self.x_shape = x.shape
+        self.P_h, self.P_w = self._matrices(H, W, x.dtype, backend.device_of(x))
+        Ho, Wo = self.P_h.shape[0], self.P_w.shape[0]
+        rows = x.reshape(N * C * H, W) @ self.P_w.T                      # (N*C*H, Wo)
+        return (self.P_h @ rows.reshape(N * C, H, Wo)).reshape(N, C, Ho, Wo)
+
+    def backward(self, gy):
+        N, C, H, W = self.x_shape
+        Ho, Wo = gy.shape[2:]
+        g_rows = self.P_h.T @ gy.reshape(N * C, Ho, Wo)                  # (N*C, H, Wo)
+        return (g_rows.reshape(N * C * H, Wo) @ self.P_w).reshape(N, C, H, W)
+
+
+class AdaptiveAvgPool2dFunction(_SeparablePool2d):
+    """y[n, c, i, j] = mean of x[n, c, h0(i):h1(i), w0(j):w1(j)], with torch's bins
+    h0(i) = floor(i * H / Ho), h1(i) = ceil((i + 1) * H / Ho) (the same along W).
+
+    The mean over the rectangle is the mean along W, then along H: y = P_h @ x @ P_w^T with
+    P = adaptive_pool_matrix. Output 1x1 is global average pooling (DeepLabv3's image pooling)."""
+
+    def __init__(self, output_size: Tuple[int, int]) -> None:
+        self.output_size = output_size
+
+    def _matrices(self, H: int, W: int, dtype, device: str):
+        return (_pool_matrix(adaptive_pool_matrix, (H, self.output_size[0]), dtype, device),
+                _pool_matrix(adaptive_pool_matrix, (W, self.output_size[1]), dtype, device))
+
+
+def adaptive_avg_pool2d(x: Tensor, output_size: Union[int, None, Tuple[Optional[int], Optional[int]]]) -> Tensor:
+    """Average pooling to a fixed output size (torch's bins); ``None`` for an axis keeps its input size."""
+    x = as_tensor(x)
+    _check_input(x, "adaptive_avg_pool2d")
+    pair = (output_size, output_size) if output_size is None or isinstance(output_size, (int, np.integer)) else output_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"adaptive_avg_pool2d output_size must be an int, None or a pair, got {output_size!r}")
+    size = tuple(x.shape[2 + a] if v is None else v for a, v in enumerate(pair))
+    size = _pair(size, "adaptive_avg_pool2d output_size", 1)
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"adaptive_avg_pool2d needs a non-empty input, got shape {x.shape}")
+    return AdaptiveAvgPool2dFunction(size)(x)

@@ -1,0 +1,23 @@
+"""Issue 12's kernels on CUDA against their NumPy twins (forward and backward, float64 and float32, and
+non-contiguous inputs), on a GPU or under the CPU emulator of CuPy, with test_cuda.py's helpers."""
+import numpy as np
+import pytest
+
+import tinyrefine
+import tinyrefine.functional as F
+
+pytestmark = pytest.mark.skipif(not tinyrefine.cuda_available(),
+                                reason="CuPy with a GPU is not available: CUDA kernels are checked on the GPU machine")
+
+from test_cuda import DTYPES, both, randn, strided  # noqa: E402  (the helpers need cupy, hence after the skip mark)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, size", [((2, 3, 7, 7), (3, 3)), ((2, 2, 5, 6), (4, 4)), ((2, 2, 3, 4), (5, 5)),
+                                         ((1, 2, 7, 5), 1)], ids=str)
+def test_adaptive_avg_pool2d(shape, size, dtype):
+    both(lambda x: F.adaptive_avg_pool2d(x, size), [randn(*shape, seed=1)], dtype)
+
+
+def test_adaptive_avg_pool2d_strided_input():
+    both(lambda x: F.adaptive_avg_pool2d(x, (3, 2)), [randn(2, 3, 7, 5, seed=2)], to_gpu=strided)

@@ -21,3 +21,14 @@ def test_adaptive_avg_pool2d(shape, size, dtype):
 
 def test_adaptive_avg_pool2d_strided_input():
     both(lambda x: F.adaptive_avg_pool2d(x, (3, 2)), [randn(2, 3, 7, 5, seed=2)], to_gpu=strided)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, args", [((2, 2, 7, 6), (3, 2, 1, False, True, None)), ((2, 2, 8, 9), (3, 2, 1, True, False, None)),
+                                         ((2, 2, 7, 6), ((3, 2), (2, 1), (1, 0), False, True, 5))], ids=str)
+def test_avg_pool2d(shape, args, dtype):
+    both(lambda x: F.avg_pool2d(x, *args), [randn(*shape, seed=3)], dtype)
+
+
+def test_avg_pool2d_strided_input():
+    both(lambda x: F.avg_pool2d(x, 3, 2, 1), [randn(2, 3, 7, 5, seed=4)], to_gpu=strided)

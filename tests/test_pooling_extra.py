@@ -70,3 +70,56 @@ def test_adaptive_avg_pool2d_errors(size, error, words):
         F.adaptive_avg_pool2d(randn(1, 1, 4, 4), size)
     with pytest.raises(ValueError, match="4-D input"):
         F.adaptive_avg_pool2d(randn(4, 4), 2)
+
+
+# =========================================================================== avg_pool2d
+AVG_CASES = [  # (x shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    ((2, 2, 7, 6), 3, 2, 1, False, True, None), ((2, 2, 7, 6), 3, 2, 1, False, False, None),
+    ((2, 2, 7, 6), 3, 2, 1, True, True, None), ((2, 2, 8, 9), 3, 2, 1, True, False, None),
+    ((2, 2, 5, 5), 2, 2, 1, True, True, None), ((2, 2, 5, 5), 2, 2, 1, True, False, None),
+    ((2, 3, 8, 9), 2, None, 0, False, True, None), ((2, 2, 7, 6), (3, 2), (2, 1), (1, 0), False, True, 5),
+    ((2, 2, 4, 3), 3, 1, 1, True, False, 4), ((1, 2, 9, 8), 5, 3, 2, True, True, None), ((2, 1, 6, 7), 1, 2, 0, True, True, None),
+]
+
+
+@pytest.mark.parametrize("shape, k, s, p, ceil_mode, include_pad, divisor", AVG_CASES, ids=str)
+def test_avg_pool2d_matches_torch(shape, k, s, p, ceil_mode, include_pad, divisor):
+    torch = pytest.importorskip("torch")
+    torch_parity(lambda x: F.avg_pool2d(x, k, s, p, ceil_mode, include_pad, divisor),
+                 lambda x: torch.nn.functional.avg_pool2d(x, k, s, p, ceil_mode, include_pad, divisor),
+                 [randn(*shape, seed=4).data])
+
+
+@pytest.mark.parametrize("shape, k, s, p, ceil_mode, include_pad, divisor", [AVG_CASES[1], AVG_CASES[3], AVG_CASES[7]],
+                         ids=str)
+def test_avg_pool2d_gradcheck(shape, k, s, p, ceil_mode, include_pad, divisor):
+    x = randn(1, *shape[1:], seed=5)
+    assert tr.gradcheck(lambda x: F.avg_pool2d(x, k, s, p, ceil_mode, include_pad, divisor), [x])
+
+
+def test_avg_pool_matrix_divisors():
+    """n=5, k=3, s=2, p=1: windows [-1, 2), [1, 4), [3, 6) cover 2, 3, 2 inputs; with the pad counted, 3 each."""
+    with_pad, without = F.avg_pool_matrix(5, 3, 2, 1), F.avg_pool_matrix(5, 3, 2, 1, count_include_pad=False)
+    np.testing.assert_allclose(with_pad.sum(axis=1), [2 / 3, 1, 2 / 3], rtol=1e-15)
+    np.testing.assert_allclose(without.sum(axis=1), [1, 1, 1], rtol=1e-15)
+    np.testing.assert_array_equal(with_pad > 0, [[1, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 1, 1]])
+    # ceil mode: n=5, k=2, s=2, p=1 -> 4 windows; the last, [5, 6), would start in the padding and is dropped: 3
+    assert F.avg_pool_matrix(5, 2, 2, 1, ceil_mode=True).shape == (3, 5)
+    assert F.avg_pool_matrix(6, 2, 2, 0, ceil_mode=True).shape == F.avg_pool_matrix(6, 2, 2, 0).shape == (3, 6)
+    assert F.avg_pool_matrix(7, 2, 2, 0, ceil_mode=True).shape == (4, 7)
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    (dict(kernel_size=3, padding=2), ValueError, "at most half the kernel"),
+    (dict(kernel_size=6), ValueError, "larger than the padded input"),
+    (dict(kernel_size=2, divisor_override=0), ValueError, "divisor_override must be a non-zero int"),
+    (dict(kernel_size=2, divisor_override=2.5), ValueError, "divisor_override must be a non-zero int"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
+    (dict(kernel_size=2, stride=0), ValueError, "stride must be >= 1"),
+    (dict(kernel_size=2.0), TypeError, "kernel_size must be an int or a pair"),
+], ids=str)
+def test_avg_pool2d_errors(kw, error, words):
+    with pytest.raises(error, match=words):
+        F.avg_pool2d(randn(1, 1, 4, 5), **kw)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.avg_pool2d(tr.Tensor(np.ones((1, 1, 4, 4), np.int64)), 2)

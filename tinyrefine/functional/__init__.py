@@ -3,8 +3,8 @@
 One module per kernel family, so a kernel is found by its file name:
 
     conv.py         conv2d = im2col + GEMM; col2im, its adjoint
-    pool.py         max_pool2d (-inf padding, torch's tie and NaN rules); adaptive_avg_pool2d:
-                    average pooling as two matrix products (P_h x P_w^T), exact adjoint
+    pool.py         max_pool2d (-inf padding, torch's tie and NaN rules); avg_pool2d and
+                    adaptive_avg_pool2d as two matrix products (P_h x P_w^T), exact adjoint
     upsample.py     interpolate: bilinear as two matrix products, exact adjoint
     norm.py         batch_norm
     loss.py         softmax, log_softmax, cross_entropy (ignore index)
@@ -34,7 +34,16 @@ from .elementwise import (
 )
 from .loss import CrossEntropy, LogSoftmax, Softmax, cross_entropy, log_softmax, softmax
 from .norm import BatchNorm, batch_norm
-from .pool import AdaptiveAvgPool2dFunction, MaxPool2dFunction, adaptive_avg_pool2d, adaptive_pool_matrix, max_pool2d
+from .pool import (
+           AdaptiveAvgPool2dFunction,
+           AvgPool2dFunction,
+           MaxPool2dFunction,
+           adaptive_avg_pool2d,
+           adaptive_pool_matrix,
+           avg_pool2d,
+           avg_pool_matrix,
+           max_pool2d,
+)
 from .upsample import (
            Bilinear,
            interpolate,
@@ -43,9 +52,10 @@ from .upsample import (
            interpolation_taps,
 )
 
-__all__ = ["AdaptiveAvgPool2dFunction", "Bilinear", "BatchNorm", "Concat", "Conv2dFunction", "CrossEntropy", "DropoutFunction", "IntPair",
-           "LogSoftmax", "MaxPool2dFunction", "Pad", "ReLUFunction", "Softmax", "adaptive_avg_pool2d",
-           "adaptive_pool_matrix", "add", "batch_norm", "col2im",
+__all__ = ["AdaptiveAvgPool2dFunction", "AvgPool2dFunction", "Bilinear", "BatchNorm", "Concat", "Conv2dFunction",
+           "CrossEntropy", "DropoutFunction", "IntPair", "LogSoftmax", "MaxPool2dFunction", "Pad", "ReLUFunction",
+           "Softmax", "adaptive_avg_pool2d", "adaptive_pool_matrix", "add", "avg_pool2d", "avg_pool_matrix",
+           "batch_norm", "col2im",
            "concat", "conv2d", "cross_entropy", "dropout", "im2col", "interpolate", "interpolation_matrix",
            "interpolation_tables", "interpolation_taps", "log_softmax", "max_pool2d", "over_planes", "pad",
            "relu", "scratch", "softmax"]

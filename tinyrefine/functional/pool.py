@@ -1,4 +1,5 @@
-"""Max pooling with -inf padding (chained residual pooling uses 5x5, stride 1)."""
+"""Pooling: max with -inf padding (chained residual pooling uses 5x5, stride 1), and average and adaptive
+average pooling as two matrix products (DeepLabv3's image pooling, PSPNet-style bins)."""
 from __future__ import annotations
 
 import functools
@@ -310,3 +311,45 @@ def adaptive_avg_pool2d(x: Tensor, output_size: Union[int, None, Tuple[Optional[
     if min(x.shape[2:]) < 1:
         raise ValueError(f"adaptive_avg_pool2d needs a non-empty input, got shape {x.shape}")
     return AdaptiveAvgPool2dFunction(size)(x)
+
+
+class AvgPool2dFunction(_SeparablePool2d):
+    """y[n, c, i, j] = sum_{p,q} xpad[n, c, i*sh + p, j*sw + q] / D(i, j), zero padding, torch's divisor D:
+
+        count_include_pad=True : D = (window rows) * (window columns), counting padded ones
+                                 (in ceil mode a window is cut at the padded border);
+        count_include_pad=False: D = the number of input elements the window covers;
+        divisor_override=d     : D = d.
+
+    Every D is a product of one factor per axis, so the op is separable: y = P_h @ x @ P_w^T with
+    P = avg_pool_matrix (the padded zeros add nothing and have no column); d goes into P_h."""
+
+    def __init__(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int], ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: Optional[int]) -> None:
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
+
+    def _matrices(self, H: int, W: int, dtype, device: str):
+        d = self.divisor_override
+        axis_args = [(n, self.kernel[a], self.stride[a], self.padding[a], self.ceil_mode, self.count_include_pad,
+                      None if d is None else (d if a == 0 else 1)) for a, n in enumerate((H, W))]
+        return tuple(_pool_matrix(avg_pool_matrix, args, dtype, device) for args in axis_args)
+
+
+def avg_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: Optional[int] = None) -> Tensor:
+    """Average pooling with zero padding, torch's output sizes and divisors; ``stride`` defaults to ``kernel_size``."""
+    x = as_tensor(x)
+    _check_input(x, "avg_pool2d")
+    kernel = _pair(kernel_size, "avg_pool2d kernel_size", 1)
+    stride = _pair(stride if stride is not None else kernel_size, "avg_pool2d stride", 1)
+    padding = _pair(padding, "avg_pool2d padding", 0)
+    if divisor_override is not None and (not isinstance(divisor_override, (int, np.integer)) or divisor_override == 0):
+        raise ValueError(f"avg_pool2d divisor_override must be a non-zero int or None, got {divisor_override!r}")
+    for axis in (0, 1):
+        if padding[axis] > kernel[axis] // 2:
+            raise ValueError(f"avg_pool2d padding {padding} must be at most half the kernel {kernel}")
+        if kernel[axis] > x.shape[2 + axis] + 2 * padding[axis]:
+            raise ValueError(f"avg_pool2d kernel {kernel} is larger than the padded input ({x.shape} with padding {padding})")
+    return AvgPool2dFunction(kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
+                             None if divisor_override is None else int(divisor_override))(x)

@@ -1,0 +1,188 @@
+"""DeepLabv3 and FCN against torchvision's own models (the oracle), and the atrous ResNet options.
+
+torchvision's compiled ops do not load with the CPU torch wheel; its model code is pure Python,
+so an empty ``torchvision._meta_registrations`` module is put in sys.modules before the import.
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import tinyrefine as tr
+from tinyrefine.models import FCN, ASPPPooling, DeepLabV3, ResNet
+
+INSTALL = "pip install torchvision==0.28.0 --no-deps (the version that matches torch 2.13.0)"
+
+
+def _torchvision():
+    torch = pytest.importorskip("torch")
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    try:
+        import torchvision.models.segmentation as segmentation
+    except ImportError as exc:
+        pytest.skip(f"torchvision is not importable ({exc}); {INSTALL}")
+    return torch, segmentation
+
+
+def _tv_model(segmentation, name: str, aux: bool):
+    torch = sys.modules["torch"]
+    torch.manual_seed(0)
+    return getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=21, aux_loss=aux)
+
+
+def _ours(name: str, aux: bool):
+    kind, encoder = name.split("_")
+    return (DeepLabV3 if kind == "deeplabv3" else FCN)(21, encoder, aux_loss=aux)
+
+
+def _numpy_state(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- names, shapes, counts
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "fcn_resnet50", "deeplabv3_resnet101", "fcn_resnet101"])
+def test_state_dict_names_and_shapes_are_torchvisions(name):
+    _, segmentation = _torchvision()
+    theirs = _tv_model(segmentation, name, aux=True)
+    ours = _ours(name, aux=True)
+    their_state = _numpy_state(theirs)
+    assert list(ours.state_dict()) == list(their_state)           # same names, same order
+    for key, value in ours.state_dict().items():
+        assert value.shape == their_state[key].shape, key
+    ours.load_state_dict(their_state)                             # strict: loads unchanged
+    assert ours.num_parameters() == sum(p.numel() for p in theirs.parameters())
+
+
+def test_deeplabv3_resnet50_parameter_count():
+    # torchvision's deeplabv3_resnet50 with 21 classes and no aux head: 39,638,869 (39.6 M)
+    assert DeepLabV3(21, "resnet50").num_parameters() == 39_638_869
+    assert FCN(21, "resnet50").num_parameters() == 32_957_013
+
+
+# --------------------------------------------------------------------------- float64 parity
+def _set_dropout(module, p: float) -> None:
+    for m in module.modules():
+        if type(m).__name__ == "Dropout":
+            m.p = p
+
+
+@pytest.mark.parametrize("name,train", [("deeplabv3_resnet50", True), ("fcn_resnet50", False)])
+def test_logits_and_gradients_match_torchvision(name, train):
+    """Full-size ResNet-50 models with aux heads, float64, a 2x3x27x23 batch (odd sizes test the
+    upsampling); train mode (batch statistics, the ASPP pooling BN on 1x1 maps) with dropout set to
+    0 on both sides, or eval mode (running statistics, dropout off)."""
+    torch, segmentation = _torchvision()
+    theirs = _tv_model(segmentation, name, aux=True).double()
+    ours = _ours(name, aux=True)
+    ours.load_state_dict(_numpy_state(theirs))
+    ours.astype(np.float64)
+    # non-trivial running statistics, so eval mode is not close to the identity
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        for (name, buf), (_, our_buf) in zip(theirs.named_buffers(), ours.named_buffers()):
+            if buf.dtype == torch.float64:
+                low, high = (0.5, 1.5) if name.endswith("running_var") else (-0.2, 0.2)
+                buf.copy_(torch.from_numpy(rng.uniform(low, high, buf.shape)))
+                our_buf.data[...] = buf.numpy()
+    theirs.train(train), ours.train(train)
+    _set_dropout(theirs, 0.0), _set_dropout(ours, 0.0)
+    x = rng.standard_normal((2, 3, 27, 23))
+    g_main, g_aux = rng.standard_normal((2, 21, 27, 23)), rng.standard_normal((2, 21, 27, 23))
+
+    out = theirs(torch.from_numpy(x))
+    (out["out"] * torch.from_numpy(g_main)).sum().add((out["aux"] * torch.from_numpy(g_aux)).sum()).backward()
+    main, aux = ours.forward_with_aux(tr.Tensor(x))
+    ((main * g_main).sum() + (aux * g_aux).sum()).backward()
+
+    def rel(a, b):
+        assert np.abs(b).max() > 0   # a dead gradient would prove nothing
+        return np.abs(a - b).max() / np.abs(b).max()
+
+    assert rel(main.data, out["out"].detach().numpy()) < 1e-10
+    assert rel(aux.data, out["aux"].detach().numpy()) < 1e-10
+    their_grads = {k: p.grad.numpy() for k, p in theirs.named_parameters()}
+    worst = max(rel(p.grad, their_grads[k]) for k, p in ours.named_parameters())
+    assert worst < 1e-9, worst
+    if train:  # the running statistics moved the same way
+        their_bufs = _numpy_state(theirs)
+        assert max(rel(b.data, their_bufs[k]) for k, b in ours.named_buffers() if b.dtype == np.float64) < 1e-10
+
+
+def test_output_stride_16_head_matches_torchvision():
+    """The paper's setting without multi-grid: torchvision's ResNet with [False, False, True] and
+    DeepLabHead at rates (6, 12, 18), assembled by hand, against DeepLabV3(output_stride=16)."""
+    torch, segmentation = _torchvision()
+    from torchvision.models import resnet50
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+    torch.manual_seed(0)
+    backbone = IntermediateLayerGetter(resnet50(replace_stride_with_dilation=[False, False, True]),
+                                       return_layers={"layer4": "out"})
+    theirs = segmentation.DeepLabV3(backbone, DeepLabHead(2048, 21, [6, 12, 18])).double().eval()
+    ours = DeepLabV3(21, "resnet50", output_stride=16)
+    assert ours.aspp_rates == (6, 12, 18)
+    ours.load_state_dict(_numpy_state(theirs))
+    ours.astype(np.float64).eval()
+    x = np.random.default_rng(2).standard_normal((1, 3, 27, 27))
+    expected = theirs(torch.from_numpy(x))["out"].detach().numpy()
+    got = ours(tr.Tensor(x)).data
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-10
+
+
+# --------------------------------------------------------------------------- atrous ResNet options (no torch)
+def _rates(model: ResNet, layer: str):
+    return [block.conv2.dilation for block in getattr(model, layer)]
+
+
+def test_replace_stride_with_dilation_follows_torchvision():
+    # torchvision's rule: a dilated layer's first block keeps the previous dilation
+    os8 = ResNet(50, width=4, replace_stride_with_dilation=[False, True, True])
+    assert _rates(os8, "layer3") == [1, 2, 2, 2, 2, 2] and _rates(os8, "layer4") == [2, 4, 4]
+    assert os8.output_strides == [4, 8, 8, 8]
+    os16 = ResNet(50, width=4, replace_stride_with_dilation=[False, False, True])
+    assert _rates(os16, "layer3") == [1] * 6 and _rates(os16, "layer4") == [1, 2, 2]
+    assert os16.output_strides == [4, 8, 16, 16]
+    assert list(ResNet(50, width=4, dilated=True).state_dict()) == list(os8.state_dict())
+    assert _rates(ResNet(50, width=4, dilated=True), "layer4") == [2, 4, 4]
+    x = tr.Tensor(np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32))
+    assert [c.shape[2] for c in os16.eval()(x)] == [16, 8, 4, 4]
+
+
+def test_multi_grid_multiplies_layer4_rates():
+    # DeepLabv3, Sec. 3.2: output stride 16 and multi-grid (1, 2, 4) give rates 2 * (1, 2, 4) in block4
+    model = DeepLabV3(5, "resnet50", output_stride=16, multi_grid=(1, 2, 4), width=4)
+    assert _rates(model.backbone, "layer4") == [2, 4, 8]
+    assert [b.conv2.padding for b in model.backbone.layer4] == [2, 4, 8]     # sizes kept
+    assert _rates(DeepLabV3(5, "resnet50", multi_grid=(1, 2, 4), width=4).backbone, "layer4") == [4, 8, 16]
+    x = tr.Tensor(np.random.default_rng(0).standard_normal((2, 3, 48, 48)).astype(np.float32))
+    assert model(x).shape == (2, 5, 48, 48)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(multi_grid=(1, 2)), "3 positive unit rates"),
+    (dict(replace_stride_with_dilation=[True, True]), "3 flags"),
+    (dict(dilated=True, replace_stride_with_dilation=[False, True, True]), "not both"),
+])
+def test_resnet_option_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResNet(50, width=4, **kwargs)
+
+
+def test_model_option_errors():
+    with pytest.raises(ValueError, match="output_stride must be 8 or 16"):
+        DeepLabV3(output_stride=32, width=4)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        FCN(encoder="vgg16", width=4)
+    with pytest.raises(ValueError, match="no aux head"):
+        DeepLabV3(3, "resnet18", width=4).forward_with_aux(tr.Tensor(np.zeros((1, 3, 32, 32), np.float32)))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        FCN(3, "resnet18", width=4)(tr.Tensor(np.zeros((1, 1, 32, 32), np.float32)))
+
+
+def test_image_pooling_branch_is_constant_over_space_and_gradchecks():
+    pool = ASPPPooling(3, 2, rng=np.random.default_rng(0)).astype(np.float64).eval()
+    x = tr.Tensor(np.random.default_rng(1).standard_normal((2, 3, 5, 4)), requires_grad=True)
+    y = pool(x).data
+    assert y.shape == (2, 2, 5, 4) and np.allclose(y, y[:, :, :1, :1])
+    assert tr.gradcheck(lambda t: pool(t), [x])

@@ -193,12 +193,14 @@ def load_model(path: str, device: str = "cpu") -> Tuple[RefineNet, Dict[str, Any
 
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          stop_after: Optional[int] = None) -> Dict[str, Any]:
+          stop_after: Optional[int] = None, log_every_s: Optional[float] = None) -> Dict[str, Any]:
     """Train, evaluate at the end, and return a summary (paths, final loss, mIoU, the trained model
     and the validation set).
 
     ``stop_after`` ends the run early after that many iterations *of this call*
-    (used to test interruption and resume)."""
+    (used to test interruption and resume). With a progress bar or ``log_every_s`` the run says what it
+    will cost (expected time after 20 iterations, each evaluation's result and time); ``log_every_s``
+    also prints a line with the ETA that often (the CLI's --quiet)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     backend.check_device(config.device)
@@ -231,6 +233,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                 "epoch": epoch, "batch_index": batch_index, "history": history, "format": "tinyrefine-checkpoint-1"}
 
     bar = _progress(range(start, config.iters), progress, initial=start, total=config.iters)
+    say = (bar.write if progress else print) if (progress or log_every_s is not None) else None
+    clock = _RunClock(start, config.iters, say, log_every_s)
     batches = loader.iter_from(epoch, batch_index)
     model.train()
     done_here = 0
@@ -270,9 +274,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             history[key].append(value)
         if progress:
             bar.set_postfix(loss=f"{loss_value:.4f}", s_per_it=f"{seconds:.2f}")
+        clock.tick(iteration + 1, loss_value)
         last = iteration + 1 == config.iters
         if config.eval_every and (iteration + 1) % config.eval_every == 0 and not last:
+            eval_start = time.perf_counter()
             _record_miou(history, iteration + 1, config, model, train_set, val_set, num_classes, config.eval_limit)
+            if say:
+                scored = f" on the first {config.eval_limit} images of each split" if config.eval_limit else ""
+                say(f"iteration {iteration + 1}: val mIoU {history['val_miou'][-1]:.3f}, train mIoU "
+                    f"{history['train_miou'][-1]:.3f} (evaluated in {time.perf_counter() - eval_start:.1f} s{scored})")
             model.train()
         if (iteration + 1) % config.checkpoint_every == 0 or last:
             save_checkpoint(checkpoint, model, optimizer, meta(iteration + 1))
@@ -322,6 +332,37 @@ def _progress(iterable, enabled: bool, **kwargs):
         return _Quiet(iterable)
     from tqdm.auto import tqdm
     return tqdm(iterable, **kwargs)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class _RunClock:
+    """What a run costs, said while it runs (ours): after ``first`` iterations of this call, the expected
+    time of the iterations left at the rate of iterations 2..first (the first builds caches); then, every
+    ``every_s`` seconds, the ETA at the wall-clock rate so far (evaluations included). ``say`` is None: silent."""
+
+    def __init__(self, start: int, total: int, say, every_s: Optional[float], first: int = 20):
+        self.start, self.total, self.say, self.every_s, self.first = start, total, say, every_s, first
+        self.began = self.last = time.perf_counter()
+        self.after_one: Optional[float] = None
+
+    def tick(self, done: int, loss: float) -> None:
+        if self.say is None:
+            return
+        now, count = time.perf_counter(), done - self.start
+        if count == 1:
+            self.after_one = now
+        if count == self.first and self.total - self.start > self.first:
+            rate = (now - self.after_one) / (self.first - 1)
+            self.say(f"expected: {_minutes((self.total - self.start) * rate)} for {self.total - self.start} "
+                     f"iterations ({rate:.3f} s/iteration over iterations 2-{self.first}), evaluations extra")
+        if self.every_s is not None and (now - self.last >= self.every_s or done == self.total):
+            self.last = now
+            rate = (now - self.began) / count
+            self.say(f"iteration {done}/{self.total}  loss {loss:.4f}  {rate:.3f} s/iteration  "
+                     f"elapsed {_minutes(now - self.began)}  ETA {_minutes(rate * (self.total - done))}")
 
 
 class _Quiet:
@@ -446,18 +487,22 @@ def predict_file(model, image_path: str, out_dir: str, scales: Sequence[float] =
 
 
 def save_val_predictions(config: TrainConfig, model, val_set, n: int = 4) -> List[str]:
-    """Overlays (image | truth | prediction) for the first ``n`` validation images, written to ``config.out``."""
-    from PIL import Image
-    from .viz import overlay
+    """Labelled figures (image | ground truth | prediction with its mIoU | overlay, and a class legend) for
+    the first ``n`` validation images: ``val_<i>.png`` each, and ``predictions.png`` with all of them."""
+    from .viz import plot_predictions
     model.eval()
     transform = eval_transform(config.eval_size)
-    paths = []
+    samples = []
     for i in range(min(n, len(val_set))):
         image, mask = val_set[i]
         normalized, _ = transform(image, mask, None)
-        pred = predict_probs(model, normalized, device=config.device, out_size=mask.shape).argmax(axis=0).astype(np.uint8)
-        panel = np.concatenate([image, overlay(image, mask), overlay(image, pred)], axis=1)
-        path = Path(config.out) / f"val_{i}.png"
-        Image.fromarray(panel).save(path)
-        paths.append(str(path))
-    return paths
+        pred = predict_probs(model, normalized, device=config.device, out_size=mask.shape).argmax(axis=0)
+        samples.append({"image": image, "truth": mask, "prediction": pred.astype(np.uint8), "name": f"val image {i}"})
+    out = Path(config.out)
+    classes, palette = list(val_set.classes), getattr(val_set, "palette", None)
+    paths = []
+    for i, sample in enumerate(samples):
+        plot_predictions([sample], classes, palette, path=out / f"val_{i}.png")
+        paths.append(str(out / f"val_{i}.png"))
+    plot_predictions(samples, classes, palette, path=out / "predictions.png")
+    return [str(out / "predictions.png")] + paths

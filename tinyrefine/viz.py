@@ -35,24 +35,110 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette: Op
 
 
 def plot_curves(history: Dict[str, List], path: Optional[Union[str, Path]] = None):
-    """Training loss (and its running mean) against iteration, and validation mIoU if recorded."""
+    """Training loss on a log scale with its running mean (left), and the mIoU measured during the run (right).
+
+    A log axis keeps an early spike (a loss of 17 in the first steps) from flattening the rest of the curve
+    into the bottom line; the spike is named in the legend. The right panel shares the iteration axis and
+    draws val mIoU, and train mIoU when it was measured, one point per evaluation."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     it, loss = np.asarray(history["iteration"]), np.asarray(history["loss"], dtype=float)
-    axes[0].plot(it, loss, alpha=0.35, label="loss")
-    if len(loss) >= 10:
-        k = max(5, len(loss) // 20)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        axes[0].plot(it[k - 1:], smooth, label=f"mean of {k}")
-    axes[0].set_xlabel("iteration")
-    axes[0].set_ylabel("cross-entropy")
-    axes[0].legend()
-    if history.get("val_miou"):
-        axes[1].plot(history["val_iteration"], history["val_miou"], "o-")
-        axes[1].set_ylim(0, 1)
-    axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("validation mIoU")
+    ax = axes[0]
+    if len(loss):
+        peak = int(np.argmax(loss))
+        # a log axis has no 0: a (vanishingly rare) exact zero is drawn at the smallest positive loss
+        shown = np.where(loss > 0, loss, loss[loss > 0].min() if (loss > 0).any() else 1e-12)
+        ax.plot(it, shown, alpha=0.3, lw=0.8, label=f"loss (max {loss[peak]:.3g} at iteration {it[peak]})")
+        if len(loss) >= 10:
+            k = max(5, len(loss) // 50)
+            ax.plot(it[k - 1:], np.convolve(shown, np.ones(k) / k, mode="valid"), lw=1.8, label=f"running mean of {k}")
+        ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("training loss (log scale)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(True, which="both", alpha=0.2)
+    ax = axes[1]
+    val_it = list(history.get("val_iteration") or [])
+    if val_it:
+        ax.plot(val_it, history["val_miou"], "o-", label="val")
+        train_miou = history.get("train_miou") or []
+        if len(train_miou) == len(val_it):
+            ax.plot(val_it, train_miou, "s--", alpha=0.8, label="train")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, max([int(it[-1]) if len(it) else 0] + val_it + [1]))   # the same iterations as the loss
+    ax.set_title("mIoU during training")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mIoU")
+    ax.grid(True, alpha=0.2)
     fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def upscale_nearest(array: np.ndarray, factor: int) -> np.ndarray:
+    """Repeat every pixel ``factor`` times along both axes (H, W[, 3]) -> (factor*H, factor*W[, 3])."""
+    if int(factor) < 1:
+        raise ValueError(f"upscale_nearest: factor must be a positive whole number, got {factor}")
+    return np.repeat(np.repeat(np.asarray(array), int(factor), axis=0), int(factor), axis=1)
+
+
+PREDICTION_PANELS = ("image", "ground truth", "prediction", "overlay")
+
+
+def image_miou(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> float:
+    """mIoU of one image: the mean IoU over the classes in its truth or its prediction (``metrics.mean_iou``)."""
+    from .metrics import confusion_matrix, mean_iou
+    return mean_iou(confusion_matrix(prediction, truth, num_classes))
+
+
+def plot_predictions(samples: List[Dict], class_names: List[str], palette: Optional[np.ndarray] = None,
+                     path: Optional[Union[str, Path]] = None, min_side: int = 256):
+    """One row per sample: the image, its ground truth, the prediction (titled with the image's mIoU)
+    and the prediction laid over the image; a legend names the colour of every class that appears.
+
+    ``samples`` holds dicts with ``image`` (H, W, 3) uint8, ``truth`` and ``prediction`` (H, W) class
+    indices (255: ignored), and an optional ``name``. Images smaller than ``min_side`` are enlarged by
+    repeating pixels (nearest neighbour: no made-up colours at the class borders). Returns the figure."""
+    from matplotlib.patches import Patch
+    from .data import VOC_PALETTE, colorize
+    palette = VOC_PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
+    if not samples:
+        raise ValueError("plot_predictions: no samples to draw")
+    plt = _pyplot()
+    height, width = np.asarray(samples[0]["truth"]).shape
+    factor = max(1, -(-min_side // max(height, width)))         # ceil: 64 px -> x4
+    panel_w, title_h, legend_h = 2.6, 0.35, 0.55                 # inches
+    panel_h = panel_w * height / width
+    fig_h = len(samples) * (panel_h + title_h) + legend_h
+    fig, axes = plt.subplots(len(samples), 4, squeeze=False, figsize=(4.15 * panel_w + 0.2, fig_h))
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - title_h / fig_h, bottom=legend_h / fig_h, wspace=0.05,
+                        hspace=title_h / panel_h)
+    present = set()
+    for row, sample in enumerate(samples):
+        image, truth, pred = (np.asarray(sample[k]) for k in ("image", "truth", "prediction"))
+        if truth.shape != pred.shape or image.shape[:2] != truth.shape:
+            raise ValueError(f"plot_predictions: sample {row} has image {image.shape[:2]}, truth {truth.shape} "
+                             f"and prediction {pred.shape}: they must be the same size")
+        present |= set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())
+        miou = image_miou(truth, pred, len(class_names))
+        name = sample.get("name", f"sample {row}")
+        pictures = (image, colorize(truth, palette), colorize(pred, palette), overlay(image, pred, palette=palette))
+        titles = (name, "ground truth", f"prediction: mIoU {miou:.3f}", "prediction over the image")
+        for ax, picture, title in zip(axes[row], pictures, titles):
+            ax.imshow(upscale_nearest(picture, factor), interpolation="nearest")
+            ax.set_title(title, fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [Patch(facecolor=palette[c] / 255.0, edgecolor="0.3", label=class_names[c])
+               for c in sorted(present) if c < len(class_names)]
+    if 255 in present:
+        handles.append(Patch(facecolor=np.array(colorize(np.array([[255]]), palette)[0, 0]) / 255.0,
+                             edgecolor="0.3", label="ignored (255)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=10, frameon=False)
     if path is not None:
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -32,3 +32,20 @@ def test_avg_pool2d(shape, args, dtype):
 
 def test_avg_pool2d_strided_input():
     both(lambda x: F.avg_pool2d(x, 3, 2, 1), [randn(2, 3, 7, 5, seed=4)], to_gpu=strided)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xs, ws, kw", [((2, 3, 4, 5), (3, 2, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+                                        ((2, 2, 3, 4), (2, 2, 2, 3), dict(stride=(3, 1), padding=(0, 1), dilation=(1, 2))),
+                                        ((2, 2, 4, 3), (2, 3, 3, 3), dict(padding=1, output_padding=1, dilation=2)),
+                                        ((1, 3, 3, 4), (3, 2, 1, 1), dict())], ids=str)
+def test_conv_transpose2d(xs, ws, kw, dtype):
+    arrays = [randn(*xs, seed=5), randn(*ws, seed=6), randn(ws[1], seed=7)]
+    both(lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), arrays, dtype)
+
+
+def test_conv_transpose2d_strided_inputs_and_weight_gradient_only():
+    both(lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1), [randn(2, 3, 4, 5, seed=8), randn(3, 2, 4, 4, seed=9)],
+         to_gpu=strided)
+    both(lambda x, w: F.conv_transpose2d(x, w, stride=2), [randn(2, 3, 4, 5, seed=10), randn(3, 2, 3, 3, seed=11)],
+         grads=[False, True])

@@ -123,3 +123,67 @@ def test_avg_pool2d_errors(kw, error, words):
         F.avg_pool2d(randn(1, 1, 4, 5), **kw)
     with pytest.raises(TypeError, match="floating-point"):
         F.avg_pool2d(tr.Tensor(np.ones((1, 1, 4, 4), np.int64)), 2)
+
+
+# =========================================================================== conv_transpose2d
+CONV_T_CASES = [  # (x shape, w shape (C_in, C_out, kh, kw), kwargs)
+    ((2, 3, 4, 5), (3, 2, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    ((2, 3, 4, 5), (3, 2, 3, 3), dict(stride=2, padding=1)),
+    ((2, 2, 3, 3), (2, 3, 4, 4), dict(stride=2, padding=1)),               # FCN/DCGAN-style 2x upsampling
+    ((2, 2, 3, 4), (2, 2, 2, 3), dict(stride=(3, 1), padding=(0, 1), dilation=(1, 2))),
+    ((2, 2, 4, 3), (2, 3, 3, 3), dict(stride=1, padding=1, output_padding=1, dilation=2)),  # output_padding >= stride
+    ((1, 3, 3, 4), (3, 2, 1, 1), dict()),
+    ((2, 2, 2, 3), (2, 2, 16, 16), dict(stride=8, padding=4)),              # FCN-8s' last 8x upsampling
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("xs, ws, kw", CONV_T_CASES, ids=str)
+def test_conv_transpose2d_matches_torch(xs, ws, kw, bias):
+    torch = pytest.importorskip("torch")
+    arrays = [randn(*xs, seed=6).data, randn(*ws, seed=7).data] + ([randn(ws[1], seed=8).data] if bias else [])
+    torch_parity(lambda x, w, *b: F.conv_transpose2d(x, w, *b, **kw),
+                 lambda x, w, *b: torch.nn.functional.conv_transpose2d(x, w, *b, **kw), arrays)
+
+
+@pytest.mark.parametrize("xs, ws, kw", [CONV_T_CASES[0], CONV_T_CASES[3], CONV_T_CASES[4]], ids=str)
+def test_conv_transpose2d_gradcheck(xs, ws, kw):
+    x, w, b = randn(*xs, seed=9), randn(*ws, seed=10), randn(ws[1], seed=11)
+    assert tr.gradcheck(lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), [x, w, b])
+
+
+def test_conv_transpose2d_gradient_for_one_input_only():
+    x, w = randn(2, 2, 3, 4, seed=12), randn(2, 3, 3, 3, seed=13)
+    assert tr.gradcheck(lambda w: F.conv_transpose2d(x, w, stride=2), [w])
+    assert tr.gradcheck(lambda x: F.conv_transpose2d(x, w, stride=2), [x])
+
+
+@pytest.mark.parametrize("xs, ws, kw", CONV_T_CASES[:5], ids=str)
+def test_conv_transpose2d_is_the_adjoint_of_conv2d(xs, ws, kw):
+    """<conv2d(y, w), x> = <y, conv_transpose2d(x, w)> for the same w, stride, padding and dilation
+    (w's (C_in, C_out) for the transposed conv is (C_out, C_in) for conv2d, which maps back)."""
+    x, w = randn(*xs, seed=14, requires_grad=False), randn(*ws, seed=15, requires_grad=False)
+    up = F.conv_transpose2d(x, w, **kw)
+    y = randn(*up.shape, seed=16, requires_grad=False)
+    down = F.conv2d(y, w, **{k: v for k, v in kw.items() if k != "output_padding"})
+    H, W = x.shape[2:]
+    assert down.shape[:2] == x.shape[:2] and all(d >= n for d, n in zip(down.shape[2:], (H, W)))
+    # (larger only when output_padding >= stride)
+    assert np.isclose((down.data[..., :H, :W] * x.data).sum(), (y.data * up.data).sum(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    (dict(weight=(3, 2, 3, 3)), ValueError, "channel mismatch.*first axis is C_in"),
+    (dict(weight=(2, 3, 3)), ValueError, "weight must be 4-D"),
+    (dict(bias=(2,)), ValueError, r"bias must have shape \(3,\)"),
+    (dict(groups=2), NotImplementedError, "groups=1 only"),
+    (dict(stride=2, output_padding=2), ValueError, "output_padding .* smaller than the stride"),
+    (dict(padding=3), ValueError, "output size .* not positive"),
+    (dict(stride=0), ValueError, "stride must be >= 1"),
+], ids=str)
+def test_conv_transpose2d_errors(kw, error, words):
+    kw = dict(kw)
+    w = randn(*kw.pop("weight", (2, 3, 3, 3)))
+    b = randn(*kw.pop("bias")) if "bias" in kw else None
+    with pytest.raises(error, match=words):
+        F.conv_transpose2d(randn(1, 2, 2, 2), w, b, **kw)

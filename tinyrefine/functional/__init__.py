@@ -2,7 +2,7 @@
 
 One module per kernel family, so a kernel is found by its file name:
 
-    conv.py         conv2d = im2col + GEMM; col2im, its adjoint
+    conv.py         conv2d = im2col + GEMM; col2im, its adjoint; conv_transpose2d = col2im(W^T x)
     pool.py         max_pool2d (-inf padding, torch's tie and NaN rules); avg_pool2d and
                     adaptive_avg_pool2d as two matrix products (P_h x P_w^T), exact adjoint
     upsample.py     interpolate: bilinear as two matrix products, exact adjoint
@@ -20,7 +20,7 @@ Where CuPy needs its own kernel, the CUDA C source sits right under the NumPy co
 mirrors; both follow the same formula and the same tie rules.
 """
 from .common import IntPair, over_planes, scratch
-from .conv import Conv2dFunction, col2im, conv2d, im2col
+from .conv import Conv2dFunction, ConvTranspose2dFunction, col2im, conv2d, conv_transpose2d, im2col
 from .elementwise import (
            Concat,
            DropoutFunction,
@@ -53,9 +53,9 @@ from .upsample import (
 )
 
 __all__ = ["AdaptiveAvgPool2dFunction", "AvgPool2dFunction", "Bilinear", "BatchNorm", "Concat", "Conv2dFunction",
-           "CrossEntropy", "DropoutFunction", "IntPair", "LogSoftmax", "MaxPool2dFunction", "Pad", "ReLUFunction",
-           "Softmax", "adaptive_avg_pool2d", "adaptive_pool_matrix", "add", "avg_pool2d", "avg_pool_matrix",
-           "batch_norm", "col2im",
-           "concat", "conv2d", "cross_entropy", "dropout", "im2col", "interpolate", "interpolation_matrix",
+           "ConvTranspose2dFunction", "CrossEntropy", "DropoutFunction", "IntPair", "LogSoftmax", "MaxPool2dFunction",
+           "Pad", "ReLUFunction", "Softmax", "adaptive_avg_pool2d", "adaptive_pool_matrix", "add", "avg_pool2d",
+           "avg_pool_matrix", "batch_norm", "col2im",
+           "concat", "conv2d", "conv_transpose2d", "cross_entropy", "dropout", "im2col", "interpolate", "interpolation_matrix",
            "interpolation_tables", "interpolation_taps", "log_softmax", "max_pool2d", "over_planes", "pad",
            "relu", "scratch", "softmax"]

@@ -225,3 +225,110 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
             raise ValueError(f"conv2d kernel {tuple(weight.shape[2:])} with dilation {op.dilation} spans {span} "
                              f"but the padded input is only {padded} ({'HW'[axis]} of input {x.shape}, padding {op.padding})")
     return op(x, weight) if bias is None else op(x, weight, bias)
+
+
+class ConvTranspose2dFunction(Function):
+    """y[n, o, h, w] = b[o] + sum over (c, i, j, p, q) with i*s - pad + p*d = h and j*s - pad + q*d = w
+    of x[n, c, i, j] * w[c, o, p, q]; weight (C_in, C_out, kh, kw), as torch.
+
+    The adjoint of conv2d with the same geometry: each input pixel adds a weighted kernel stamp to the
+    output, s apart. Output Ho = (H-1)*s - 2*pad + d*(kh-1) + output_padding + 1 (output_padding only
+    picks among the sizes that conv2d maps back to H). As GEMMs (conv2d's backward, reused):
+        cols[n] = W^T (C_out*kh*kw, C_in) @ x[n] (C_in, H*W),   y = col2im(cols) onto (Ho, Wo) + b
+    Backward is conv2d's forward: gcols = im2col(gy) (its windows land on the H x W input grid),
+        gx[n] = W @ gcols[n],   gW = sum_n x[n] @ gcols[n]^T,   gb = sum of gy over n, h, w.
+    Forward saves x only for gW and W only for gx; no columns (backward makes them from gy).
+    """
+
+    def __init__(self, stride: IntPair = 1, padding: IntPair = 0, output_padding: IntPair = 0,
+                 dilation: IntPair = 1) -> None:
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.output_padding = _pair(output_padding, "output_padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+
+    def output_size(self, in_hw, kernel) -> tuple:
+        return tuple((in_hw[a] - 1) * self.stride[a] - 2 * self.padding[a] + self.dilation[a] * (kernel[a] - 1)
+                     + self.output_padding[a] + 1 for a in (0, 1))
+
+    def forward(self, x, w, b=None):
+        xp = get_array_module(x)
+        N, C, H, W = x.shape
+        kernel = w.shape[2:]
+        self.x_shape, self.w_shape, self.has_bias = x.shape, w.shape, b is not None
+        self.x = x if self.needs_input_grad[1] else None
+        self.w = w if self.needs_input_grad[0] else None
+        w_t = w.reshape(C, -1).T                                        # (C_out*kh*kw, C_in)
+        x2 = x.reshape(N, C, H * W)
+        shape = (N, w_t.shape[0], H * W)
+        cols = scratch("conv_transpose.cols", shape, x.dtype) if xp is np else xp.empty(shape, dtype=x.dtype)
+        if xp is np:
+            for n in range(N):  # one GEMM per image, as conv2d
+                np.matmul(w_t, x2[n], out=cols[n])
+        else:
+            xp.matmul(w_t, x2, out=cols)                                # one batched GEMM
+        cols = cols.reshape(N, w.shape[1], *kernel, H, W)               # (N, C_out, kh, kw, H, W)
+        y = col2im(cols, (N, w.shape[1], *self.output_size((H, W), kernel)), kernel, self.stride, self.padding,
+                   self.dilation)                                       # (N, C_out, Ho, Wo)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        (N, C, H, W), kernel = self.x_shape, self.w_shape[2:]
+        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
+        if not (self.needs_input_grad[0] or self.needs_input_grad[1]):
+            return None, None, gb
+        out_hw = [_out_size(gy.shape[2 + a], kernel[a], self.stride[a], self.padding[a], self.dilation[a]) for a in (0, 1)]
+        buffer = scratch("conv_transpose.gcols", (*gy.shape[:2], *kernel, *out_hw), gy.dtype) if xp is np else None
+        gcols = im2col(gy, kernel, self.stride, self.padding, self.dilation, out=buffer)
+        # output_padding >= stride (allowed when the dilation is larger) gives windows past the input: dropped
+        gcols = gcols[..., :H, :W].reshape(N, -1, H * W)                # (N, C_out*kh*kw, H*W)
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            w2 = self.w.reshape(C, -1)                                  # (C_in, C_out*kh*kw)
+            gx = xp.empty((N, C, H * W), dtype=gy.dtype)
+            if xp is np:
+                for n in range(N):
+                    np.matmul(w2, gcols[n], out=gx[n])
+            else:
+                xp.matmul(w2, gcols, out=gx)
+            gx = gx.reshape(self.x_shape)
+        if self.needs_input_grad[1]:
+            x2 = self.x.reshape(N, C, H * W)
+            if xp is np:
+                gw = x2[0] @ gcols[0].T                                 # sum_n x[n] @ gcols[n]^T
+                for n in range(1, N):
+                    gw += x2[n] @ gcols[n].T
+            else:  # one batched GEMM, then a fixed-order sum over images (deterministic, unlike atomics)
+                gw = xp.matmul(x2, gcols.transpose(0, 2, 1)).sum(axis=0)
+            gw = gw.reshape(self.w_shape)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def conv_transpose2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                     padding: IntPair = 0, output_padding: IntPair = 0, groups: int = 1, dilation: IntPair = 1) -> Tensor:
+    """Transposed convolution (the adjoint of conv2d), NCHW input, weight (C_in, C_out, kH, kW), torch's arguments
+    and output size; groups=1 only."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    _check_input(x, "conv_transpose2d")
+    if groups != 1:
+        raise NotImplementedError(f"conv_transpose2d supports groups=1 only, got groups={groups!r}")
+    if weight.ndim != 4:
+        raise ValueError(f"conv_transpose2d weight must be 4-D (C_in, C_out, kH, kW), got shape {weight.shape}")
+    if x.shape[1] != weight.shape[0]:
+        raise ValueError(f"conv_transpose2d channel mismatch: input {x.shape} has {x.shape[1]} channels, "
+                         f"weight {weight.shape} expects {weight.shape[0]} (its first axis is C_in)")
+    if bias is not None and as_tensor(bias).shape != (weight.shape[1],):
+        raise ValueError(f"conv_transpose2d bias must have shape ({weight.shape[1]},), got {as_tensor(bias).shape}")
+    op = ConvTranspose2dFunction(stride, padding, output_padding, dilation)
+    for axis in (0, 1):
+        if op.output_padding[axis] >= max(op.stride[axis], op.dilation[axis]):
+            raise ValueError(f"conv_transpose2d output_padding {op.output_padding} must be smaller than the stride "
+                             f"{op.stride} or the dilation {op.dilation}")
+    out_hw = op.output_size(x.shape[2:], weight.shape[2:])
+    if min(out_hw) < 1:
+        raise ValueError(f"conv_transpose2d output size {out_hw} is not positive (input {x.shape}, kernel "
+                         f"{tuple(weight.shape[2:])}, stride {op.stride}, padding {op.padding})")
+    return op(x, weight) if bias is None else op(x, weight, bias)

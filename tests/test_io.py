@@ -245,8 +245,14 @@ def test_bad_files(tmp_path):
 
     legacy = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match="legacy.pth.*legacy"):
-        load_torch_checkpoint(legacy)
+    cut = tmp_path / "legacy_truncated.pth"
+    cut.write_bytes(legacy.read_bytes()[:-3])      # the last storage lacks 3 bytes
+    with pytest.raises(ValueError, match="legacy_truncated.pth"):
+        load_torch_checkpoint(cut)
+    pickled = tmp_path / "plain_pickle.pth"
+    pickled.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(ValueError, match="plain_pickle.pth.*magic"):
+        load_torch_checkpoint(pickled)
 
 
 def test_storage_member_missing(tmp_path):
@@ -262,13 +268,143 @@ def test_storage_member_missing(tmp_path):
         load_torch_checkpoint(broken)
 
 
-def test_loading_does_not_import_torch(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_loading_does_not_import_torch(tmp_path, zip_format):
     torch = _torch()
-    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "w.pth")
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "w.pth", _use_new_zipfile_serialization=zip_format)
     code = ("import sys; sys.modules['torch'] = None; from tinyrefine.io import load_torch_checkpoint; "
             f"print(load_torch_checkpoint({str(tmp_path / 'w.pth')!r})['w'].sum())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "15.0"
+
+
+# --------------------------------------------------------------------------- legacy (torch < 1.6) files
+LEGACY = dict(_use_new_zipfile_serialization=False)
+MAGIC, PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+def test_legacy_state_dict_views_and_dtypes_roundtrip(tmp_path):
+    torch = _torch()
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    tensors = OrderedDict(_conv_bn(torch, torch.float32).state_dict())
+    tensors.update(transposed=base.t(), sliced=base[1:3, 2:5], stepped=base[::2, ::3], empty=torch.zeros(0, 5),
+                   half=torch.tensor([1.5, -2.25], dtype=torch.float16), i8=torch.tensor([-128, 127], dtype=torch.int8),
+                   flag=torch.tensor([True, False, True]), i64=torch.tensor([2 ** 40, -1]))
+    bf16 = torch.tensor([1.0, -3.140625, 1e30], dtype=torch.bfloat16)
+    torch.save({"state_dict": {**tensors, "bf16": bf16}, "epoch": 7}, tmp_path / "old.pth", **LEGACY)
+    assert not zipfile.is_zipfile(tmp_path / "old.pth")
+    ours = load_torch_checkpoint(tmp_path / "old.pth")
+    _assert_same(OrderedDict((k, ours[k]) for k in tensors), tensors)
+    np.testing.assert_array_equal(ours["bf16"], bf16.float().numpy())
+    assert ours["1.num_batches_tracked"].shape == () and ours["1.num_batches_tracked"] == 1
+    assert all(a.flags.c_contiguous and a.flags.owndata for a in ours.values())
+
+
+def test_legacy_and_zip_give_the_same_arrays(tmp_path):
+    torch = _torch()
+    torch.manual_seed(0)
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(5, 2)).state_dict()
+    torch.save(state, tmp_path / "new.pth")
+    torch.save(state, tmp_path / "old.pth", **LEGACY)
+    new, old = load_torch_checkpoint(tmp_path / "new.pth"), load_torch_checkpoint(tmp_path / "old.pth")
+    assert list(new) == list(old) == list(state)
+    for key in new:
+        assert new[key].dtype == old[key].dtype and np.array_equal(new[key], old[key]), key
+
+
+def _legacy_file(path, obj_pickle: bytes, keys, storages, header=(MAGIC, PROTOCOL, {"little_endian": True})):
+    """A legacy stream built by hand: header pickles, the object pickle, the key list, the storages."""
+    with open(path, "wb") as f:
+        for item in header:
+            f.write(item if isinstance(item, bytes) else pickle.dumps(item, protocol=2))
+        f.write(obj_pickle)
+        f.write(keys if isinstance(keys, bytes) else pickle.dumps(keys, protocol=2))
+        for numel, data in storages:
+            f.write(np.int64(numel).astype("<i8").tobytes() + data)
+
+
+def _legacy_pickle(torch, obj, ids):
+    """Pickle ``obj`` with persistent ids: ``ids`` maps id(stand-in object) -> the 6-tuple torch writes."""
+    import io
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, value):
+            return ids.get(id(value))
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+class _Stand:  # stands in for a storage (its persistent id) or a tensor (its reduce)
+    def __init__(self, reduce=None):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+@pytest.mark.parametrize("where", ["magic", "protocol", "sys_info", "object", "keys"])
+def test_legacy_payload_anywhere_in_the_stream_is_refused(tmp_path, monkeypatch, where):
+    torch = _torch()
+    monkeypatch.chdir(tmp_path)
+    evil = pickle.dumps(_Evil(), protocol=2)
+    header = [MAGIC, PROTOCOL, {"little_endian": True}]
+    if where in ("magic", "protocol", "sys_info"):
+        header[["magic", "protocol", "sys_info"].index(where)] = evil
+    storage = _Stand()
+    tensor = _Stand((torch._utils._rebuild_tensor_v2, (storage, 0, (2,), (1,), False, OrderedDict())))
+    obj = {"w": tensor, "extra": _Evil()} if where == "object" else {"w": tensor}
+    obj_pickle = _legacy_pickle(torch, obj, {id(storage): ("storage", torch.FloatStorage, "1", "cpu", 2, None)})
+    _legacy_file("evil.pth", obj_pickle, evil if where == "keys" else ["1"],
+                 [(2, np.ones(2, "<f4").tobytes())], header)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_torch_checkpoint("evil.pth")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_legacy_trojan_saved_by_torch_is_refused(tmp_path, monkeypatch):
+    torch = _torch()
+    monkeypatch.chdir(tmp_path)
+    torch.save({"weight": torch.ones(2), "extra": _Evil()}, "trojan.pth", **LEGACY)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_torch_checkpoint("trojan.pth")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_legacy_storage_views_and_malformed_streams(tmp_path):
+    torch = _torch()
+    root, view = _Stand(), _Stand()
+    tensor = _Stand((torch._utils._rebuild_tensor_v2, (view, 1, (2,), (1,), False, OrderedDict())))
+    whole = _Stand((torch._utils._rebuild_tensor_v2, (root, 0, (6,), (1,), False, OrderedDict())))
+    ids = {id(root): ("storage", torch.DoubleStorage, "7", "cpu", 6, None),
+           # very old files: storage "8" is elements 2..5 of storage "7"
+           id(view): ("storage", torch.DoubleStorage, "7", "cpu", 6, ("8", 2, 4))}
+    obj = _legacy_pickle(torch, {"part": tensor, "whole": whole}, ids)
+    data = np.arange(6, dtype="<f8").tobytes()
+    _legacy_file(tmp_path / "view.pth", obj, ["7"], [(6, data)])
+    ours = load_torch_checkpoint(tmp_path / "view.pth")
+    np.testing.assert_array_equal(ours["part"], [3.0, 4.0])
+    np.testing.assert_array_equal(ours["whole"], np.arange(6.0))
+
+    bad = {
+        "header_numel": (obj, ["7"], [(5, data)], "7 should hold 6 elements"),
+        "keys": (obj, ["7", "9"], [(6, data)], "key list"),
+        "short": (obj, ["7"], [(6, data[:-1])], "holds 47 bytes"),
+        "beyond": (_legacy_pickle(torch, {"w": _Stand((torch._utils._rebuild_tensor_v2,
+                                                       (root, 4, (3,), (1,), False, OrderedDict())))}, ids),
+                   ["7"], [(6, data)], "reaches element 6"),
+        "view_beyond": (_legacy_pickle(torch, {"w": tensor}, {**ids, id(view): ids[id(view)][:5] + (("8", 4, 4),)}),
+                        ["7"], [(6, data)], "passes the end"),
+    }
+    for name, (obj_pickle, keys, storages, message) in bad.items():
+        path = tmp_path / f"{name}.pth"
+        _legacy_file(path, obj_pickle, keys, storages)
+        with pytest.raises(ValueError, match=f"{name}.pth.*{message}|{message}.*{name}.pth"):
+            load_torch_checkpoint(path)
+    _legacy_file(tmp_path / "protocol.pth", obj, ["7"], [(6, data)], (MAGIC, 1000, {}))
+    with pytest.raises(ValueError, match="protocol 1000"):
+        load_torch_checkpoint(tmp_path / "protocol.pth")
 
 
 # --------------------------------------------------------------------------- npz

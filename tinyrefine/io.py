@@ -3,8 +3,9 @@
 Three tools live here:
 
 * ``load_torch_checkpoint(path)`` reads a ``.pth`` / ``.pt`` written by
-  ``torch.save`` (the zip format, the default since torch 1.6) into a dict of
-  NumPy arrays, so pretrained weights can be used without installing torch.
+  ``torch.save`` (the zip format, the default since torch 1.6, or the legacy
+  stream of older files) into a dict of NumPy arrays, so pretrained weights can
+  be used without installing torch.
 * ``save_npz`` / ``load_npz`` / ``load_npz_meta`` store our own weights as a
   plain ``.npz`` archive with an optional JSON metadata record, never pickled.
 * ``atomic_open`` / ``atomic_write_bytes`` write a file so that a crash
@@ -32,6 +33,25 @@ may share one storage (a slice and the tensor it was sliced from), and
 ``size`` / ``stride`` / ``storage_offset`` (counted in elements) say which
 elements of the storage make the tensor, exactly like NumPy strides.
 
+The legacy layout (torch < 1.6)
+-------------------------------
+Older files, and ``torch.save(obj, p, _use_new_zipfile_serialization=False)``,
+are one stream of five pickles followed by raw bytes::
+
+    MAGIC_NUMBER (0x1950A86A20F9469CFC6C)   a pickled int
+    PROTOCOL_VERSION (1001)                  a pickled int
+    sys_info                                 {'little_endian': ..., 'type_sizes': {...}}
+    obj                                      as data.pkl above, persistent ids
+                                             ('storage', type, key, location, numel, view)
+    storage keys                             a pickled list of the keys, in write order
+    then per key: numel as an int64, then numel elements (both little-endian)
+
+The storages come after the pickle that refers to them, so tensors of a legacy
+file are first rebuilt as pending views and made into arrays once the bytes
+have been read. ``view`` (very old files) names a slice ``(view_key, offset,
+numel)`` of the storage ``key``. The even older tar format (torch < 0.4) is not
+read.
+
 Why a restricted unpickler
 --------------------------
 A pickle is a small program: its GLOBAL opcode imports any ``module.name``
@@ -54,8 +74,7 @@ version numbers torch attaches) is ignored. Training checkpoints of the form
 ``{'state_dict': {...}, 'epoch': 3}`` or ``{'model': {...}, ...}`` are unwrapped,
 and a leading ``'module.'`` (added by ``nn.DataParallel``) is stripped from
 keys. Tensors keep their dtype, except bfloat16 which NumPy lacks: it becomes
-float32 (exactly, bfloat16 is the top half of a float32). The legacy pre-1.6
-format is not supported; the error says how to re-save the file.
+float32 (exactly, bfloat16 is the top half of a float32).
 """
 from __future__ import annotations
 
@@ -67,7 +86,7 @@ import secrets
 import sys
 import zipfile
 from collections import OrderedDict
-from typing import IO, Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -111,20 +130,41 @@ _STORAGE_TYPES = {name: _StorageType(name, code) for name, code in [
 
 
 class _Storage:
-    """A storage read from the zip: a flat, read-only, native-order array."""
+    """A storage: a flat, read-only, native-order array (None until a legacy file's bytes are read)."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "pending")
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: Optional[np.ndarray] = None):
         self.array = array
+        self.pending: List["_PendingTensor"] = []   # a legacy file's tensors waiting for the bytes
+
+
+class _PendingTensor:
+    """A legacy file's tensor, rebuilt before its storage's bytes were read; ``array`` is set after."""
+
+    __slots__ = ("storage", "offset", "size", "stride", "array")
+
+    def __init__(self, storage: _Storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+        self.array: Optional[np.ndarray] = None
+
+    def resolve(self) -> None:
+        self.array = _view(self.storage.array, self.offset, self.size, self.stride)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> np.ndarray:
+                       metadata=None) -> "np.ndarray | _PendingTensor":
     # requires_grad, backward_hooks and metadata describe autograd state we do not keep.
     if not isinstance(storage, _Storage):
         raise UnsafeCheckpointError(f"tensor rebuilt from {type(storage).__name__}, not from a storage reference")
-    flat = storage.array
+    if storage.array is None:  # a legacy file: the bytes come after the pickle
+        _check_view(0, storage_offset, size, stride, bounds=False)
+        storage.pending.append(_PendingTensor(storage, storage_offset, size, stride))
+        return storage.pending[-1]
+    return _view(storage.array, storage_offset, size, stride)
+
+
+def _view(flat: np.ndarray, storage_offset, size, stride) -> np.ndarray:
     size, stride, offset = _check_view(flat.size, storage_offset, size, stride)
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
                                            strides=tuple(s * flat.itemsize for s in stride), writeable=False)
@@ -136,15 +176,16 @@ def _rebuild_tensor(storage, storage_offset, size, stride) -> np.ndarray:
     return _rebuild_tensor_v2(storage, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> np.ndarray:
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> "np.ndarray | _PendingTensor":
     # An nn.Parameter is a tensor plus a requires_grad flag: keep the tensor.
-    if not isinstance(data, np.ndarray):
+    if not isinstance(data, (np.ndarray, _PendingTensor)):
         raise UnsafeCheckpointError("parameter rebuilt from something other than a tensor")
     return data
 
 
-def _check_view(numel: int, offset, size, stride) -> Tuple[tuple, tuple, int]:
-    """Validate a (offset, size, stride) view so ``as_strided`` cannot read past the storage."""
+def _check_view(numel: int, offset, size, stride, bounds: bool = True) -> Tuple[tuple, tuple, int]:
+    """Validate a (offset, size, stride) view so ``as_strided`` cannot read past the storage
+    (``bounds=False``: the types only, for a storage not read yet)."""
     def ints(xs, what):
         if not isinstance(xs, (tuple, list)) or not all(type(x) is int and x >= 0 for x in xs):
             raise pickle.UnpicklingError(f"bad tensor {what}: {xs!r}")
@@ -153,6 +194,8 @@ def _check_view(numel: int, offset, size, stride) -> Tuple[tuple, tuple, int]:
     size, stride = ints(size, "size"), ints(stride, "stride")
     if type(offset) is not int or offset < 0 or len(size) != len(stride):
         raise pickle.UnpicklingError(f"bad tensor view: offset={offset!r} size={size} stride={stride}")
+    if not bounds:
+        return size, stride, offset
     if 0 in size:
         return size, stride, min(offset, numel)  # an empty tensor reads nothing
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -173,13 +216,12 @@ _ALLOWED = {
 }
 
 
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` allowing only tensors and (ordered) dicts."""
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles allowing only the names in ``_ALLOWED``; a persistent id (a storage) is refused."""
 
-    def __init__(self, file: IO[bytes], archive: zipfile.ZipFile, prefix: str, byteorder: str, source: str):
+    def __init__(self, file: IO[bytes], source: str):
         super().__init__(file)
-        self.archive, self.prefix, self.byteorder, self.source = archive, prefix, byteorder, source
-        self.storages: Dict[str, _Storage] = {}  # tensors that share a storage share one read
+        self.source = source
 
     def find_class(self, module: str, name: str):
         try:
@@ -188,6 +230,18 @@ class _CheckpointUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"refusing to load {module}.{name} from {self.source}: only tensors and ordered dicts "
                 f"are allowed") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"unexpected persistent id in {self.source}: {pid!r}")
+
+
+class _CheckpointUnpickler(_RestrictedUnpickler):
+    """Unpickles ``data.pkl`` allowing only tensors and (ordered) dicts."""
+
+    def __init__(self, file: IO[bytes], archive: zipfile.ZipFile, prefix: str, byteorder: str, source: str):
+        super().__init__(file, source)
+        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
+        self.storages: Dict[str, _Storage] = {}  # tensors that share a storage share one read
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -207,19 +261,102 @@ class _CheckpointUnpickler(pickle.Unpickler):
             raw = self.archive.read(member)
         except KeyError:
             raise pickle.UnpicklingError(f"{self.source} has no member {member}") from None
-        order = "<" if self.byteorder == "little" else ">"
-        code = "u2" if storage_type.dtype == "bf16" else "u1" if storage_type.dtype == "b1" else storage_type.dtype
-        dtype = np.dtype(order + code)
-        if len(raw) < numel * dtype.itemsize:
-            raise pickle.UnpicklingError(
-                f"{member} in {self.source} holds {len(raw)} bytes, {numel} x {dtype.itemsize} expected")
-        array = np.frombuffer(raw, dtype=dtype, count=numel)
-        if storage_type.dtype == "bf16":
-            # bfloat16 is the top 16 bits of a float32: shift them up and reinterpret.
-            return (array.astype(np.uint32) << 16).view(np.float32)
-        if storage_type.dtype == "b1":
-            return array != 0  # any nonzero byte is True; never expose odd bool bytes
-        return array.astype(dtype.newbyteorder("="), copy=False)
+        return _storage_array(raw, storage_type, numel, self.byteorder, f"{member} in {self.source}")
+
+
+def _element_dtype(storage_type: _StorageType, byteorder: str = "little") -> np.dtype:
+    order = "<" if byteorder == "little" else ">"
+    code = "u2" if storage_type.dtype == "bf16" else "u1" if storage_type.dtype == "b1" else storage_type.dtype
+    return np.dtype(order + code)
+
+
+def _storage_array(raw: bytes, storage_type: _StorageType, numel: int, byteorder: str, what: str) -> np.ndarray:
+    """``numel`` elements of ``storage_type`` from ``raw``, as a native-order array."""
+    dtype = _element_dtype(storage_type, byteorder)
+    if len(raw) < numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f"{what} holds {len(raw)} bytes, {numel} x {dtype.itemsize} expected")
+    array = np.frombuffer(raw, dtype=dtype, count=numel)
+    if storage_type.dtype == "bf16":
+        # bfloat16 is the top 16 bits of a float32: shift them up and reinterpret.
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if storage_type.dtype == "b1":
+        return array != 0  # any nonzero byte is True; never expose odd bool bytes
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001   # torch/serialization.py's constants
+
+
+class _LegacyUnpickler(_RestrictedUnpickler):
+    """Unpickles a legacy file's object: storages are recorded (their bytes come later), tensors pend."""
+
+    def __init__(self, file: IO[bytes], source: str):
+        super().__init__(file, source)
+        self.roots: Dict[str, Tuple[_StorageType, int, _Storage]] = {}   # key -> (type, numel, storage)
+        self.views: Dict[str, Tuple[str, int, int, _Storage]] = {}       # key -> (root key, offset, numel, storage)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id in {self.source}: {pid!r}")
+        _, storage_type, key, _location, numel, view = pid
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type in {self.source}: {storage_type!r}")
+        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise pickle.UnpicklingError(f"bad storage reference in {self.source}: {pid!r}")
+        if key not in self.roots:
+            self.roots[key] = (storage_type, numel, _Storage())
+        elif self.roots[key][:2] != (storage_type, numel):
+            raise pickle.UnpicklingError(f"storage {key} of {self.source} is referenced with two types or sizes")
+        if view is None:
+            return self.roots[key][2]
+        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
+                and all(type(v) is int and v >= 0 for v in view[1:])):
+            raise pickle.UnpicklingError(f"bad storage view in {self.source}: {view!r}")
+        view_key, offset, view_numel = view
+        if view_key not in self.views:
+            self.views[view_key] = (key, offset, view_numel, _Storage())
+        return self.views[view_key][3]
+
+
+def _load_legacy(f: IO[bytes], source: str) -> Any:
+    """The object of a legacy (torch < 1.6) stream, its tensors as arrays (see the module docstring)."""
+    def plain() -> Any:  # the small pickles around the object hold no tensors
+        return _RestrictedUnpickler(f, source).load()
+
+    if plain() != _LEGACY_MAGIC:
+        raise ValueError(f"{source} is a pickle but not a torch checkpoint (wrong magic number)")
+    protocol = plain()
+    if protocol != _LEGACY_PROTOCOL:
+        raise ValueError(f"{source}: legacy torch protocol {protocol!r}, only {_LEGACY_PROTOCOL} is known")
+    sys_info = plain()
+    if not isinstance(sys_info, dict):
+        raise ValueError(f"{source}: the legacy header's sys_info is a {type(sys_info).__name__}, not a dict")
+    unpickler = _LegacyUnpickler(f, source)
+    obj = unpickler.load()
+    keys = plain()
+    if not isinstance(keys, list) or sorted(keys) != sorted(unpickler.roots):
+        raise ValueError(f"{source}: the storage key list does not match the storages the pickle refers to")
+    for key in keys:  # torch writes each storage's numel and bytes little-endian, whatever the machine
+        storage_type, numel, storage = unpickler.roots[key]
+        header = f.read(8)
+        if len(header) < 8 or int.from_bytes(header, "little", signed=True) != numel:
+            raise ValueError(f"{source}: storage {key} should hold {numel} elements; its header says "
+                             f"{int.from_bytes(header, 'little', signed=True) if len(header) == 8 else 'nothing'}")
+        raw = f.read(numel * _element_dtype(storage_type).itemsize)
+        storage.array = _storage_array(raw, storage_type, numel, "little", f"storage {key} of {source}")
+    for view_key, (key, offset, numel, storage) in unpickler.views.items():
+        root = unpickler.roots[key][2].array
+        if offset + numel > root.size:
+            raise ValueError(f"{source}: storage view {view_key} ({offset}+{numel}) passes the end of "
+                             f"storage {key} ({root.size} elements)")
+        storage.array = root[offset:offset + numel]
+    for _, _, storage in unpickler.roots.values():
+        for pending in storage.pending:
+            pending.resolve()
+    for *_, storage in unpickler.views.values():
+        for pending in storage.pending:
+            pending.resolve()
+    return obj
 
 
 def load_torch_checkpoint(path: "str | os.PathLike[str]") -> "OrderedDict[str, np.ndarray]":
@@ -230,21 +367,22 @@ def load_torch_checkpoint(path: "str | os.PathLike[str]") -> "OrderedDict[str, n
     Non-tensor entries are dropped (see the module docstring). Raises
     ``FileNotFoundError`` for a missing file, ``UnsafeCheckpointError`` when the
     pickle asks for anything but tensors and dicts, and ``ValueError`` naming the
-    file when it is not a readable torch zip checkpoint.
+    file when it is not a readable torch checkpoint (zip or legacy).
     """
     source = os.fspath(path)
     with open(source, "rb") as f:  # FileNotFoundError carries the path
         head = f.read(4)
-        if not zipfile.is_zipfile(f):
-            if head[:1] == b"\x80":  # a bare pickle: the legacy (torch < 1.6) format
-                raise ValueError(
-                    f"{source} uses the legacy torch (< 1.6) serialization, which tinyrefine does not read; "
-                    f"re-save it with a newer torch: torch.save(torch.load(p), p)")
-            raise ValueError(f"{source} is not a PyTorch checkpoint (not a zip archive)")
+        legacy = not zipfile.is_zipfile(f)
+        if legacy and head[:1] != b"\x80":  # the legacy format starts with a pickle's PROTO opcode
+            raise ValueError(f"{source} is not a PyTorch checkpoint (neither a zip archive nor a legacy "
+                             f"torch pickle stream)")
         f.seek(0)
         try:
-            with zipfile.ZipFile(f) as archive:
-                obj = _unpickle_archive(archive, source)
+            if legacy:
+                obj = _load_legacy(f, source)
+            else:
+                with zipfile.ZipFile(f) as archive:
+                    obj = _unpickle_archive(archive, source)
         except UnsafeCheckpointError:
             raise
         except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, KeyError,
@@ -279,6 +417,8 @@ def _extract_state_dict(obj: Any, source: str) -> "OrderedDict[str, np.ndarray]"
             break
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for key, value in obj.items():
+        if isinstance(value, _PendingTensor):  # a legacy file's tensor, resolved once its storage was read
+            value = value.array
         if not isinstance(value, np.ndarray):
             continue  # scalar metadata (epoch, config strings, ...) is dropped on purpose
         if not isinstance(key, str):

@@ -128,6 +128,17 @@ def _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation):
     return dx
 
 
+def _sum_over_images(a, b):
+    """sum_n a[n] @ b[n]^T: one GEMM per image on the CPU; on CUDA one batched GEMM, then a fixed-order
+    sum over images (deterministic, unlike atomics). The weight gradient of conv2d and conv_transpose2d."""
+    if get_array_module(a) is np:
+        total = a[0] @ b[0].T
+        for n in range(1, a.shape[0]):
+            total += a[n] @ b[n].T
+        return total
+    return get_array_module(a).matmul(a, b.transpose(0, 2, 1)).sum(axis=0)
+
+
 class Conv2dFunction(Function):
     """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
 
@@ -178,13 +189,7 @@ class Conv2dFunction(Function):
         gw = None
         if self.needs_input_grad[1]:
             cols = self._cols(x)
-            if xp is np:
-                gw = gy2[0] @ cols[0].T                                 # sum_n gy[n] @ cols[n]^T
-                for n in range(1, N):
-                    gw += gy2[n] @ cols[n].T
-            else:  # one batched GEMM, then a fixed-order sum over images (deterministic, unlike atomics)
-                gw = xp.matmul(gy2, cols.transpose(0, 2, 1)).sum(axis=0)
-            gw = gw.reshape(w.shape)
+            gw = _sum_over_images(gy2, cols).reshape(w.shape)           # sum_n gy[n] @ cols[n]^T
             del cols  # on CUDA: free before the column gradient of the same size is made
         if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image
             return (None, gw, gb) if self.has_bias else (None, gw)
@@ -297,13 +302,7 @@ class ConvTranspose2dFunction(Function):
             gx = gx.reshape(self.x_shape)
         if self.needs_input_grad[1]:
             x2 = self.x.reshape(N, C, H * W)
-            if xp is np:
-                gw = x2[0] @ gcols[0].T                                 # sum_n x[n] @ gcols[n]^T
-                for n in range(1, N):
-                    gw += x2[n] @ gcols[n].T
-            else:  # one batched GEMM, then a fixed-order sum over images (deterministic, unlike atomics)
-                gw = xp.matmul(x2, gcols.transpose(0, 2, 1)).sum(axis=0)
-            gw = gw.reshape(self.w_shape)
+            gw = _sum_over_images(x2, gcols).reshape(self.w_shape)      # sum_n x[n] @ gcols[n]^T
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 

@@ -187,3 +187,94 @@ def test_conv_transpose2d_errors(kw, error, words):
     b = randn(*kw.pop("bias")) if "bias" in kw else None
     with pytest.raises(error, match=words):
         F.conv_transpose2d(randn(1, 2, 2, 2), w, b, **kw)
+
+
+# =========================================================================== max_pool2d(return_indices) + max_unpool2d
+POOL_CASES = [((2, 3, 7, 6), 3, 2, 1), ((2, 2, 8, 9), 2, 2, 0), ((1, 2, 7, 7), 5, 1, 2), ((2, 2, 9, 7), (3, 2), (2, 1), (1, 0))]
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties", "nan"])
+@pytest.mark.parametrize("shape, k, s, p", POOL_CASES, ids=str)
+def test_max_pool2d_indices_match_torch(shape, k, s, p, values):
+    """torch's flat index h*W + w per (n, c) plane, through its tie rule (first in row-major order) and NaNs (last)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal(shape)
+    if values != "distinct":
+        x = np.round(x)
+    if values == "nan":
+        x[rng.random(shape) < 0.15] = np.nan
+    y, indices = F.max_pool2d(tr.Tensor(x), k, s, p, return_indices=True)
+    y_t, indices_t = torch.nn.functional.max_pool2d(torch.tensor(x), k, s, p, return_indices=True)
+    assert indices.dtype == np.int64 and indices.shape == y.shape
+    np.testing.assert_array_equal(indices.data, indices_t.numpy())
+    np.testing.assert_array_equal(y.data, y_t.numpy())
+
+
+def test_max_pool2d_return_indices_keeps_the_gradient():
+    x = randn(2, 2, 6, 5, seed=18)
+    y, indices = F.max_pool2d(x, 2, 2, return_indices=True)
+    assert y.requires_grad and not indices.requires_grad
+    y.backward(np.ones(y.shape))
+    expected = np.zeros(x.shape).reshape(2, 2, -1)
+    np.put_along_axis(expected, indices.data.reshape(2, 2, -1), 1.0, axis=2)
+    np.testing.assert_array_equal(x.grad, expected.reshape(x.shape))
+
+
+UNPOOL_CASES = [  # (x shape, kernel, stride, padding, output_size): pooled (stride >= kernel: distinct indices),
+    # then unpooled to the original size
+    ((2, 3, 8, 6), 2, 2, 0, None), ((2, 2, 7, 9), 2, 2, 0, (7, 9)), ((2, 2, 9, 8), 3, 3, 1, (2, 2, 9, 8)),
+    ((1, 2, 6, 7), (2, 3), (2, 3), (1, 0), (6, 7)), ((2, 2, 5, 5), 2, 3, 0, None)]
+
+
+@pytest.mark.parametrize("shape, k, s, p, size", UNPOOL_CASES, ids=str)
+def test_max_unpool2d_matches_torch(shape, k, s, p, size):
+    torch = pytest.importorskip("torch")
+    pooled, indices = F.max_pool2d(randn(*shape, seed=19), k, s, p, return_indices=True)
+    idx = torch.tensor(indices.data)
+    torch_parity(lambda x: F.max_unpool2d(x, indices, k, s, p, size),
+                 lambda x: torch.nn.functional.max_unpool2d(x, idx, k, s, p, size), [pooled.data])
+
+
+def test_max_unpool2d_after_overlapping_windows_matches_torchs_forward():
+    """stride < kernel: one maximum can win several windows, so indices repeat (with the same value)."""
+    torch = pytest.importorskip("torch")
+    pooled, indices = F.max_pool2d(randn(2, 2, 7, 6, seed=21), 3, 2, 1, return_indices=True)
+    assert len(np.unique(indices.data[0, 0])) < indices.data[0, 0].size
+    y = F.max_unpool2d(pooled, indices, 3, 2, 1, (7, 6))
+    y_t = torch.nn.functional.max_unpool2d(torch.tensor(pooled.data), torch.tensor(indices.data), 3, 2, 1, (7, 6))
+    np.testing.assert_array_equal(y.data, y_t.numpy())
+
+
+def test_max_unpool2d_repeated_index_last_wins_and_only_it_gets_the_gradient():
+    """Two inputs aim at 0: the later one in row-major order lands (torch leaves this undefined: on the CPU
+    its result changed from call to call here). The other reaches no output, so its exact gradient is 0
+    (torch's backward hands it gy[0] as well)."""
+    x = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    indices = np.array([[[[0, 5], [0, 15]]]])
+    y = F.max_unpool2d(tr.Tensor(x), indices, 2)
+    expected = np.zeros(16)
+    expected[[0, 5, 15]] = 3.0, 2.0, 4.0
+    np.testing.assert_array_equal(y.data.reshape(-1), expected)
+    x_t = tr.Tensor(x, requires_grad=True)
+    F.max_unpool2d(x_t, indices, 2).backward(np.arange(16.0).reshape(1, 1, 4, 4) + 1)
+    np.testing.assert_array_equal(x_t.grad, [[[[0.0, 6.0], [1.0, 16.0]]]])
+
+
+def test_max_unpool2d_gradcheck():
+    pooled, indices = F.max_pool2d(randn(2, 2, 6, 5, seed=20), 3, 2, 1, return_indices=True)  # repeats included
+    assert tr.gradcheck(lambda x: F.max_unpool2d(x, indices, 3, 2, 1, (6, 5)), [tr.Tensor(pooled.data, requires_grad=True)])
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    (dict(indices=np.full((1, 1, 2, 2), 16)), ValueError, "index 16 is outside the output plane of 16"),
+    (dict(indices=np.full((1, 1, 2, 2), -1)), ValueError, "index -1 is outside"),
+    (dict(indices=np.zeros((1, 1, 2, 3), np.int64)), ValueError, "indices shape .* must equal the input shape"),
+    (dict(indices=np.zeros((1, 1, 2, 2))), TypeError, "indices must be integers"),
+    (dict(output_size=(6, 4)), ValueError, r"output_size \(6, 4\) must lie strictly between \(2, 2\) and \(6, 6\)"),
+    (dict(output_size=(4,)), ValueError, "output_size must be"),
+], ids=str)
+def test_max_unpool2d_errors(kw, error, words):
+    kw = {"indices": np.zeros((1, 1, 2, 2), np.int64), **kw}
+    with pytest.raises(error, match=words):
+        F.max_unpool2d(randn(1, 1, 2, 2), kw.pop("indices"), 2, **kw)

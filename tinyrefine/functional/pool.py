@@ -3,7 +3,7 @@ average pooling as two matrix products (DeepLabv3's image pooling, PSPNet-style 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -191,8 +191,10 @@ class MaxPool2dFunction(Function):
         return gx
 
 
-def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
-    """Max pooling with -inf padding; ``stride`` defaults to ``kernel_size``."""
+def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+               return_indices: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Max pooling with -inf padding; ``stride`` defaults to ``kernel_size``. ``return_indices=True`` also
+    returns, as torch does, each maximum's flat index h*W + w within its (n, c) plane (int64, for max_unpool2d)."""
     x = as_tensor(x)
     _check_input(x, "max_pool2d")
     op = MaxPool2dFunction(kernel_size, stride, padding)
@@ -204,7 +206,24 @@ def max_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None
         if op.kernel[axis] > x.shape[2 + axis] + 2 * op.padding[axis]:
             raise ValueError(f"max_pool2d kernel {op.kernel} is larger than the padded input "
                              f"({x.shape} with padding {op.padding})")
-    return op(x)
+    y = op(x)
+    return (y, Tensor(max_pool_indices(op))) if return_indices else y
+
+
+def max_pool_indices(op: MaxPool2dFunction):
+    """The flat index h*W + w, within its (n, c) plane, of each output's maximum, read off what the forward
+    of ``op`` saved (call it before backward releases that): on the CPU the two stages' offsets, the row
+    offset p of the window's maximum and the column offset q of that padded row's maximum, so
+    h = i*sh + p - ph and w = j*sw + q - pw; on CUDA the kernel's own flat index."""
+    if hasattr(op, "arg"):   # the CUDA forward keeps the flat index itself (int32)
+        return op.arg.astype(np.int64)
+    (sh, sw), (ph, pw) = op.stride, op.padding
+    N, C, H, W = op.x_shape
+    Ho, Wo = op.row_offset_of_window_max.shape[1:]
+    padded_row = np.arange(Ho)[:, None] * sh + op.row_offset_of_window_max               # (N*C, Ho, Wo)
+    col_offset = np.take_along_axis(op.col_offset_of_row_max, padded_row, axis=1)        # (N*C, Ho, Wo)
+    index = (padded_row - ph) * W + (np.arange(Wo) * sw + col_offset - pw)
+    return index.astype(np.int64).reshape(N, C, Ho, Wo)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,3 +372,76 @@ def avg_pool2d(x: Tensor, kernel_size: IntPair, stride: Optional[IntPair] = None
             raise ValueError(f"avg_pool2d kernel {kernel} is larger than the padded input ({x.shape} with padding {padding})")
     return AvgPool2dFunction(kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
                              None if divisor_override is None else int(divisor_override))(x)
+
+
+class MaxUnpool2dFunction(Function):
+    """y[n, c].flat[indices[n, c, i, j]] = x[n, c, i, j], zero everywhere else (max_pool2d's indices undone).
+
+    When several inputs of a plane carry the same index, the last in row-major order wins, on both devices
+    (torch leaves it undefined: its CPU result changed from call to call in our test). The winners are found
+    by sorting (index, position) pairs, so every write has its own target: no atomics, no write races.
+    Backward is the exact adjoint, a gather: gx = gy.flat[index] for the winners, 0 for the overwritten
+    (torch's backward gives them gy too, although they did not reach y).
+    """
+
+    def __init__(self, output_hw: Tuple[int, int]) -> None:
+        self.output_hw = output_hw
+
+    def forward(self, x, indices):
+        xp = get_array_module(x)
+        N, C, H, W = x.shape
+        plane = self.output_hw[0] * self.output_hw[1]
+        self.x_shape = x.shape
+        index = indices.reshape(N * C, H * W).astype(np.int64)
+        inside = (index >= 0) & (index < plane)
+        if xp is np and not inside.all():   # (on CUDA not checked, to keep the GPU running: such inputs are dropped)
+            bad = index[~inside][0]
+            raise ValueError(f"max_unpool2d index {bad} is outside the output plane of {plane} = {self.output_hw} values")
+        target = xp.where(inside, xp.arange(N * C).reshape(-1, 1) * plane + index, -1).reshape(-1)  # into y.flat
+        # one sort key per input, all distinct: (target, position in the plane); a target's last input wins
+        order = xp.argsort(target * (H * W) + xp.arange(target.size) % (H * W))
+        sorted_target = target[order]
+        last_of_run = xp.ones(target.size, dtype=bool)
+        last_of_run[:-1] = sorted_target[1:] != sorted_target[:-1]
+        self.won = xp.zeros(target.size, dtype=bool)
+        self.won[order] = last_of_run & (sorted_target >= 0)           # order is a permutation: one write each
+        self.target = xp.where(self.won, target, N * C * plane)         # losers go to a spare slot, dropped
+        y = xp.zeros(N * C * plane + 1, dtype=x.dtype)
+        y[self.target] = x.reshape(-1)                                  # only the spare slot is written twice
+        return y[:-1].reshape(N, C, *self.output_hw)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        g = xp.concatenate([gy.reshape(-1), xp.zeros(1, dtype=gy.dtype)])  # the spare slot's gradient: 0
+        return g[self.target].reshape(self.x_shape), None
+
+
+def max_unpool2d(x: Tensor, indices, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+                 output_size: Optional[Sequence[int]] = None) -> Tensor:
+    """The inverse of max_pool2d(..., return_indices=True) as torch defines it: each value goes back to its
+    index, zeros elsewhere. The output is (H-1)*s - 2p + k per axis, or ``output_size`` (its last two
+    numbers, within a stride of that size, as torch: it picks among the sizes that pool down to H)."""
+    x, indices = as_tensor(x), as_tensor(indices)
+    _check_input(x, "max_unpool2d")
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"max_unpool2d indices must be integers (as max_pool2d returns them), got dtype {indices.dtype}")
+    if indices.shape != x.shape:
+        raise ValueError(f"max_unpool2d indices shape {indices.shape} must equal the input shape {x.shape}")
+    kernel = _pair(kernel_size, "max_unpool2d kernel_size", 1)
+    stride = _pair(stride if stride is not None else kernel_size, "max_unpool2d stride", 1)
+    padding = _pair(padding, "max_unpool2d padding", 0)
+    default = tuple((x.shape[2 + a] - 1) * stride[a] - 2 * padding[a] + kernel[a] for a in (0, 1))
+    if output_size is None:
+        size = default
+    else:
+        size = tuple(output_size)[-2:]
+        if len(tuple(output_size)) not in (2, 4) or not all(isinstance(v, (int, np.integer)) for v in size):
+            raise ValueError(f"max_unpool2d output_size must be (H, W) or (N, C, H, W) ints, got {output_size!r}")
+        for a in (0, 1):
+            if not default[a] - stride[a] < size[a] < default[a] + stride[a]:
+                raise ValueError(f"max_unpool2d output_size {tuple(size)} must lie strictly between "
+                                 f"{tuple(d - s for d, s in zip(default, stride))} and {tuple(d + s for d, s in zip(default, stride))}")
+    if min(size) < 1:
+        raise ValueError(f"max_unpool2d output size {tuple(size)} is not positive (input {x.shape}, kernel {kernel}, "
+                         f"stride {stride}, padding {padding})")
+    return MaxUnpool2dFunction((int(size[0]), int(size[1])))(x, indices)

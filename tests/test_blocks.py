@@ -84,7 +84,7 @@ def test_crp_with_zero_convs_is_relu(improved):
     rng = np.random.default_rng(6)
     crp = ChainedResidualPooling(4, 4, improved=improved, rng=rng)
     zero(*crp.convs)
-    x = tr.Tensor(rng.standard_normal((2, 4, 7, 8)))
+    x = tr.Tensor(rng.standard_normal((2, 4, 7, 8)).astype(np.float32))
     np.testing.assert_array_equal(crp(x).numpy(), np.maximum(x.numpy(), 0))
 
 
@@ -92,7 +92,7 @@ def test_one_path_block_with_zero_convs_is_relu():
     rng = np.random.default_rng(7)
     block = RefineNetBlock([4], 4, rng=rng)
     zero(*block_convs(block))
-    x = tr.Tensor(rng.standard_normal((2, 4, 6, 6)))
+    x = tr.Tensor(rng.standard_normal((2, 4, 6, 6)).astype(np.float32))
     np.testing.assert_array_equal(block(x).numpy(), np.maximum(x.numpy(), 0))
 
 
@@ -110,8 +110,8 @@ def test_two_path_block_passes_the_upsampled_coarse_path():
 
 
 def test_shortcuts_false_changes_the_output():
-    xs = [tr.Tensor(np.random.default_rng(9).standard_normal((1, 3, 4, 4))),
-          tr.Tensor(np.random.default_rng(10).standard_normal((1, 3, 8, 8)))]
+    xs = [tr.Tensor(np.random.default_rng(9).standard_normal((1, 3, 4, 4)).astype(np.float32)),
+          tr.Tensor(np.random.default_rng(10).standard_normal((1, 3, 8, 8)).astype(np.float32))]
     with_ = RefineNetBlock([3, 3], 3, n_crp=2, rng=np.random.default_rng(0))(*xs).numpy()
     without = RefineNetBlock([3, 3], 3, n_crp=2, shortcuts=False, rng=np.random.default_rng(0))(*xs).numpy()
     assert with_.shape == without.shape

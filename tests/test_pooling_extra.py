@@ -278,3 +278,35 @@ def test_max_unpool2d_errors(kw, error, words):
     kw = {"indices": np.zeros((1, 1, 2, 2), np.int64), **kw}
     with pytest.raises(error, match=words):
         F.max_unpool2d(randn(1, 1, 2, 2), kw.pop("indices"), 2, **kw)
+
+
+# =========================================================================== the layers
+def test_layers_match_torchs_modules():
+    """Same state dict names and shapes as torch's modules; loaded with our weights, the same outputs."""
+    torch = pytest.importorskip("torch")
+    from tinyrefine import nn
+    x = randn(2, 3, 6, 5, seed=22, requires_grad=False)
+    up = nn.ConvTranspose2d(3, 4, 4, stride=2, padding=1, output_padding=1, rng=np.random.default_rng(0)).astype(np.float64)
+    up_t = torch.nn.ConvTranspose2d(3, 4, 4, stride=2, padding=1, output_padding=1).double()
+    state = up.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in up_t.state_dict().items()}
+    up_t.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()})
+    pairs = [(up, up_t), (nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                          torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)),
+             (nn.AdaptiveAvgPool2d((2, 3)), torch.nn.AdaptiveAvgPool2d((2, 3)))]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours(x).data, theirs(torch.tensor(x.data)).detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_conv_transpose2d_layer_init_follows_torch():
+    """torch's ConvTranspose2d fan-in is weight.shape[1] * kH * kW = out_channels * kH * kW: bound 1/sqrt(4*9)."""
+    from tinyrefine import nn
+    layer = nn.ConvTranspose2d(64, 4, 3, rng=np.random.default_rng(1))
+    assert layer.weight.shape == (64, 4, 3, 3) and layer.weight.dtype == np.float32
+    bound = 1 / 6
+    for values in (layer.weight.data, layer.bias.data):
+        assert np.abs(values).max() <= bound
+    assert np.abs(layer.weight.data).max() > 0.99 * bound                  # uniform up to the bound, not narrower
+    assert nn.ConvTranspose2d(2, 3, 2, bias=False).bias is None
+    with pytest.raises(NotImplementedError, match="groups=1 only"):
+        nn.ConvTranspose2d(4, 4, 3, groups=2)

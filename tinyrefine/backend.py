@@ -108,6 +108,24 @@ def synchronize() -> None:
         _cupy.cuda.Device().synchronize()
 
 
+def device_pool_bytes() -> int:
+    """Bytes CuPy's memory pool holds on the GPU (arrays in use plus cached blocks); 0 without CUDA."""
+    return int(_cupy.get_default_memory_pool().total_bytes()) if _cupy is not None else 0
+
+
+def free_device_cache() -> int:
+    """Hand CuPy's cached, unused device blocks back to the driver; returns the bytes freed (0 without CUDA).
+
+    CuPy keeps freed arrays' memory in a pool for reuse, so nvidia-smi shows it as used."""
+    if _cupy is None:
+        return 0
+    pool = _cupy.get_default_memory_pool()
+    before = pool.total_bytes()
+    pool.free_all_blocks()
+    _cupy.get_default_pinned_memory_pool().free_all_blocks()
+    return before - pool.total_bytes()
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CuPy's out-of-memory errors (so callers can give advice without importing cupy)."""
     if _cupy is None:

@@ -11,28 +11,39 @@ frees each node's saved arrays once it has been used.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from . import backend
 
-_grad_enabled = True  # the one global: switched by no_grad()
-
-
-@contextlib.contextmanager
-def no_grad() -> Iterator[None]:
-    """Inside this block no graph is recorded (inference, optimizer steps)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = previous
+_grad_mode = threading.local()  # per thread, as torch's: one thread's no_grad() leaves the others recording
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    return getattr(_grad_mode, "enabled", True)
+
+
+@contextlib.contextmanager
+def set_grad_enabled(enabled: bool) -> Iterator[None]:
+    """Record graphs (True) or not (False) inside this block, in this thread only."""
+    previous, _grad_mode.enabled = is_grad_enabled(), bool(enabled)
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
+def no_grad():
+    """Inside this block no graph is recorded (inference, optimizer steps); this thread only."""
+    return set_grad_enabled(False)
+
+
+def enable_grad():
+    """Record graphs again inside a no_grad() block (this thread only)."""
+    return set_grad_enabled(True)
 
 
 def _check_float(array, what: str) -> None:
@@ -51,7 +62,13 @@ def sum_to(grad, shape: tuple):
 
 
 class Tensor:
-    """An array plus what autograd needs: ``grad``, ``requires_grad`` and its ``creator``."""
+    """An array plus what autograd needs: ``grad``, ``requires_grad`` and its ``creator``.
+
+    ``_version`` counts in-place edits of ``data`` (as torch's): ``t.data *= 2`` hands the same
+    array back to the ``data`` setter, which bumps it, and backward refuses to use a tensor an op
+    saved if its version changed since. (Writing through the array itself, ``t.data[0] = 1`` or
+    ``np.copyto(t.data, ...)``, bypasses the setter and is not seen: use ``t.data = new_array``.)
+    """
 
     __array_priority__ = 1000  # make ndarray + Tensor call Tensor.__radd__
 
@@ -68,12 +85,23 @@ class Tensor:
             data = data.astype(dtype)
         if requires_grad:
             _check_float(data, "requires_grad=True")
-        self.data = data
+        self._version = 0
+        self._data = data
         self.grad: Optional[Any] = None
         self.requires_grad = bool(requires_grad)
         self.creator: Optional[Function] = None
         self._hooks: list = []  # hooks of a leaf; a non-leaf keeps them on its creator
         self.name: Optional[str] = None
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:
+        if value is self._data:  # `t.data *= 2`: the array was edited in place
+            self._version += 1
+        self._data = value
 
     # ----- array-like facts
     shape = property(lambda self: tuple(self.data.shape))
@@ -101,17 +129,19 @@ class Tensor:
         return self.data.item()
 
     def to(self, device: str) -> "Tensor":
-        """The same values on ``device``; a new leaf unless nothing moves."""
+        """The same values on ``device`` (itself if nothing moves); the gradient flows back across."""
         if device == self.device:
             return self
-        out = Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
-        return out
+        return ToDevice(device)(self)
 
     def detach(self) -> "Tensor":
         return Tensor(self.data)
 
     def astype(self, dtype) -> "Tensor":
-        return Tensor(self.data.astype(dtype), requires_grad=self.requires_grad)
+        """The values cast to ``dtype`` (itself if already so); the gradient is cast back."""
+        if np.dtype(dtype) == self.dtype:
+            return self
+        return Cast(dtype)(self)
 
     def zero_grad(self) -> None:
         self.grad = None
@@ -179,9 +209,10 @@ def _node_parents(node) -> Sequence:
     return node._parents if isinstance(node, Function) else ()
 
 
-def run_backward(start, grad, retain_graph: bool = False) -> None:
-    """Walk the graph from ``start`` (a Function, or a leaf Tensor) to the leaves."""
-    # 1. topological order with an explicit stack: post-order DFS, then reversed
+def topological_order(start) -> list:
+    """Every node reachable from ``start`` (Functions and leaf Tensors), each after all its consumers.
+
+    A post-order depth-first search with an explicit stack (no recursion), then reversed."""
     order, visited, stack = [], {id(start)}, [(start, iter(_node_parents(start)))]
     while stack:
         node, parents = stack[-1]
@@ -193,32 +224,48 @@ def run_backward(start, grad, retain_graph: bool = False) -> None:
         else:
             stack.pop()
             order.append(node)
-    # 2. walk from the output: each node receives the summed gradient of its output
+    return order[::-1]
+
+
+def run_backward(start, grad, retain_graph: bool = False) -> None:
+    """Walk the graph from ``start`` (a Function, or a leaf Tensor) to the leaves.
+
+    Each node receives the sum of its consumers' gradients, then hands one gradient to each input.
+    The rule about shared arrays: a backward may hand the same array to two inputs (Add returns
+    gy twice). Nothing in the engine writes into a gradient array, but a hook may, so a hook on a
+    tensor whose gradient array was also handed to another branch gets its own copy; a leaf's
+    ``.grad`` is always its own array.
+    """
     grads = {id(start): grad}
-    for node in reversed(order):
+    shared = set()  # ids of gradient arrays handed to more than one input
+    for node in topological_order(start):
         g = grads.pop(id(node), None)
         if g is None:
             continue
-        if isinstance(node, Tensor):  # a leaf: run hooks, then accumulate into .grad
-            for hook in node._hooks:
-                g = _apply_hook(hook, g)
-            # copy: one array may flow to several leaves (Add returns gy twice)
+        hooks = node._hooks if isinstance(node, Tensor) else node._output_hooks
+        if hooks and id(g) in shared:
+            g = g.copy()
+        for hook in hooks:
+            g = _apply_hook(hook, g)
+        if isinstance(node, Tensor):  # a leaf: accumulate into .grad
             node.grad = g.copy() if node.grad is None else node.grad + g
             continue
-        for hook in node._output_hooks:
-            g = _apply_hook(hook, g)
-        if node._released:
-            raise RuntimeError(f"backward through {type(node).__name__} a second time: its saved arrays were freed; "
-                               "pass retain_graph=True to the first backward()")
+        node._check_saved_versions()
         input_grads = node.backward(g)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
         if len(input_grads) != len(node._parents):
             raise RuntimeError(f"{type(node).__name__}.backward returned {len(input_grads)} gradients for {len(node._parents)} inputs")
-        for parent, shape, gx in zip(node._parents, node._input_shapes, input_grads):
+        handed = set()
+        for parent, shape, dtype, gx in zip(node._parents, node._input_shapes, node._input_dtypes, input_grads):
             if parent is None or gx is None:
                 continue
             gx = sum_to(gx, shape)
+            if gx.dtype != dtype:  # a gradient has its tensor's dtype (float32 stays float32)
+                gx = gx.astype(dtype)
+            if id(gx) in handed:
+                shared.add(id(gx))
+            handed.add(id(gx))
             key = id(parent)
             grads[key] = gx if key not in grads else grads[key] + gx
         if not retain_graph:
@@ -239,9 +286,21 @@ class Function:
     backward needs) and ``backward(grad_output) -> one gradient per input``
     (``None`` for inputs with no gradient, such as integer targets).
     ``self.needs_input_grad`` (one bool per input) is set before ``forward`` runs.
+
+    A Function object is one node of one graph: calling it a second time raises (make a new
+    one per call, as the lowercase functions do). ``saves_inputs`` / ``saves_output`` say
+    whether backward reads the input or output arrays; where it does, backward first checks
+    that none was edited in place since forward (``Tensor._version``).
     """
+    saves_inputs = True    # the safe default for a new op; ops that keep only shapes set False
+    saves_output = False
 
     def __call__(self, *inputs: Any) -> Tensor:
+        if "_called" in vars(self):
+            raise RuntimeError(f"this {type(self).__name__} was already called: a Function object is one node of one "
+                               "graph. Make a new one per call (or use the lowercase function, e.g. F.relu(x)); "
+                               "a reusable layer is a tinyrefine.nn module")
+        self._called = True
         tensors = [x if isinstance(x, Tensor) else None for x in inputs]
         like = next((t for t in tensors if t is not None), None)
         arrays = []
@@ -256,18 +315,39 @@ class Function:
             names = ", ".join(f"input {i}: {t.device} {t.shape}" for i, t in enumerate(tensors) if t is not None)
             raise ValueError(f"{type(self).__name__} got inputs on different devices ({names}); move them with .to(device)")
         # which inputs will want a gradient: forward can skip saving what backward won't use
-        self.needs_input_grad = tuple(_grad_enabled and t is not None and t.requires_grad for t in tensors)
+        recording = is_grad_enabled()
+        self.needs_input_grad = tuple(recording and t is not None and t.requires_grad for t in tensors)
         output = self.forward(*arrays)
         result = Tensor(output)
-        if _grad_enabled and any(t is not None and t.requires_grad for t in tensors):
+        if recording and any(self.needs_input_grad):
             self._parents = [(t.creator if t.creator is not None else t) if (t is not None and t.requires_grad) else None
                              for t in tensors]
             self._input_shapes = [getattr(a, "shape", ()) for a in arrays]  # () for a Python scalar
+            self._input_dtypes = [getattr(a, "dtype", None) for a in arrays]
+            # weak references: checking versions must not keep activations alive
+            watched = [(i, t) for i, t in enumerate(tensors) if t is not None] if self.saves_inputs else []
+            if self.saves_output:
+                watched.append(("output", result))
+            self._watched = [(i, weakref.ref(t), t._version) for i, t in watched]
             self._output_hooks = []
             self._released = False
             result.requires_grad = True
             result.creator = self
         return result
+
+    def _check_saved_versions(self) -> None:
+        if self._released:
+            raise RuntimeError(f"backward through {type(self).__name__} a second time: its saved arrays were freed; "
+                               "pass retain_graph=True to the first backward()")
+        for which, ref, version in self._watched:
+            t = ref()
+            if t is not None and t._version != version:
+                what = "its output" if which == "output" else f"its input {which}"
+                label = f" '{t.name}'" if t.name else ""
+                raise RuntimeError(
+                    f"{type(self).__name__} needs {what}{label} (shape {t.shape}) as it was in forward, but it was "
+                    f"modified in place since (version {t._version}, saved at {version}), e.g. by `t.data *= 10`. "
+                    "Edit it after backward, or replace the array (`t.data = t.data * 10`) instead of editing it")
 
     def forward(self, *arrays):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -283,10 +363,16 @@ class Function:
 
 
 def _as_array(x, like: Optional[Tensor]):
-    """A number beside a Tensor stays a Python scalar; an array must be on the Tensor's device.
+    """The dtype policy (torch's), at every op boundary:
 
-    Python and NumPy scalars alike are *weak* (as in torch and NEP 50): ``f32 * np.int64(2)``
-    stays float32, and a scalar needs no device, so it is never uploaded to the GPU."""
+    - a Python or NumPy scalar beside a Tensor is *weak* (as in torch and NEP 50): ``f32 * np.int64(2)``
+      stays float32; it needs no device, so it is never uploaded to the GPU;
+    - a raw array is data, a tensor in its own right: float32 times a float64 array is float64,
+      as float32 times a float64 Tensor is (numpy's promotion); it must be on the Tensor's device;
+    - every gradient has the dtype of the tensor it belongs to (run_backward casts it), so a
+      float32 parameter always gets a float32 ``.grad``;
+    - the kernels that combine data with weights (conv2d, batch_norm) refuse mixed float dtypes.
+    """
     if like is not None and (isinstance(x, (int, float)) or (isinstance(x, np.generic) and x.dtype.kind in "biuf")):
         return x.item() if isinstance(x, np.generic) else x
     xp = backend.get_array_module(like.data) if like is not None else np
@@ -302,6 +388,7 @@ def as_tensor(x: Any) -> Tensor:
 # --------------------------------------------------------------------------- elementwise arithmetic
 class Add(Function):
     """y = a + b (broadcasting; the engine sums gradients back to each shape)."""
+    saves_inputs = False
 
     def forward(self, a, b):
         return a + b
@@ -312,6 +399,7 @@ class Add(Function):
 
 class Sub(Function):
     """y = a - b"""
+    saves_inputs = False
 
     def forward(self, a, b):
         return a - b
@@ -345,6 +433,7 @@ class Div(Function):
 
 class Neg(Function):
     """y = -x"""
+    saves_inputs = False
 
     def forward(self, x):
         return -x
@@ -369,6 +458,7 @@ class Power(Function):
 
 class Exp(Function):
     """y = exp(x);  dx = y gy"""
+    saves_inputs, saves_output = False, True
 
     def forward(self, x):
         self.y = backend.get_array_module(x).exp(x)
@@ -411,9 +501,40 @@ def power(x, exponent: float) -> Tensor: return Power(exponent)(x)
 def matmul(a, b) -> Tensor: return MatMul()(a, b)
 
 
+# --------------------------------------------------------------------------- casts and moves
+class Cast(Function):
+    """y = x.astype(dtype);  dx = gy.astype(x.dtype) (the engine casts gradients back to their tensor's dtype)"""
+    saves_inputs = False
+
+    def __init__(self, dtype) -> None:
+        self.dtype = np.dtype(dtype)
+
+    def forward(self, x):
+        return x.astype(self.dtype)
+
+    def backward(self, gy):
+        return gy
+
+
+class ToDevice(Function):
+    """y = x copied to ``device``;  dx = gy copied back to x's device"""
+    saves_inputs = False
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def forward(self, x):
+        self.source = backend.device_of(x)
+        return backend.to_device(x, self.device)
+
+    def backward(self, gy):
+        return backend.to_device(gy, self.source)
+
+
 # --------------------------------------------------------------------------- shape and reductions
 class Sum(Function):
     """y = sum over ``axis``;  dx = gy broadcast back to x's shape"""
+    saves_inputs = False
 
     def __init__(self, axis=None, keepdims: bool = False) -> None:
         self.axis, self.keepdims = axis, keepdims
@@ -440,6 +561,7 @@ def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 
 class Reshape(Function):
     """y = x.reshape(shape);  dx = gy.reshape(x.shape)"""
+    saves_inputs = False
 
     def __init__(self, shape) -> None:
         self.shape = tuple(shape)
@@ -454,6 +576,7 @@ class Reshape(Function):
 
 class Transpose(Function):
     """y = x.transpose(axes);  dx = gy.transpose(inverse axes)"""
+    saves_inputs = False
 
     def __init__(self, axes=None) -> None:
         self.axes = None if axes is None else tuple(axes)
@@ -469,6 +592,7 @@ class Transpose(Function):
 
 class GetItem(Function):
     """y = x[index];  dx = zeros with gy written (added, for repeated indices) at index"""
+    saves_inputs = False
 
     def __init__(self, index) -> None:
         self.index = index.data if isinstance(index, Tensor) else index

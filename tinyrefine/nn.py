@@ -259,3 +259,60 @@ class MaxPool2d(Module):
 class Identity(Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class AvgPool2d(Module):
+    """Average pooling (torch's arguments and defaults: the zero padding counts, floor mode)."""
+
+    def __init__(self, kernel_size: int, stride: Optional[int] = None, padding: int = 0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override: Optional[int] = None) -> None:
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                            self.divisor_override)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AdaptiveAvgPool2d(Module):
+    """Average pooling to a fixed output size, torch's bins (``1``: global average pooling, as in DeepLabv3's ASPP)."""
+
+    def __init__(self, output_size) -> None:
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class ConvTranspose2d(Module):
+    """A transposed convolution layer (FCN's learned upsampling), weight (in_channels, out_channels, kH, kW) as torch,
+    drawn as torch draws it: Kaiming-uniform with a=sqrt(5), where torch's fan-in is weight.shape[1] * kH * kW."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 output_padding: int = 0, groups: int = 1, bias: bool = True, dilation: int = 1,
+                 rng: Optional[np.random.Generator] = None) -> None:
+        if groups != 1:
+            raise NotImplementedError(f"ConvTranspose2d supports groups=1 only, got groups={groups!r}")
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        bound = 1.0 / math.sqrt(out_channels * k[0] * k[1])
+        rng = _rng(rng)
+        self.weight = Parameter(rng.uniform(-bound, bound, (in_channels, out_channels, *k)).astype(np.float32))
+        self.bias = Parameter(rng.uniform(-bound, bound, out_channels).astype(np.float32)) if bias else None
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding, 1,
+                                  self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}" + (f", output_padding={self.output_padding}" if self.output_padding else "")
+                + (f", dilation={self.dilation}" if self.dilation != 1 else "")
+                + ("" if self.bias is not None else ", bias=False"))

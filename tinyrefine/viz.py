@@ -385,19 +385,16 @@ def activation_memory(model, images, groups: Optional[List[str]] = None,
     # parameter and buffer arrays as the forward sees them (_preserved swaps buffers for copies on exit)
     skip = set() if include_parameters else {id(_owner(t.data)) for _, t in model._named_tensors((Parameter, Buffer))}
     wrapped_modules = []
-    previous_grad = engine._grad_enabled
     try:
         for name in names:
             modules[name].forward = wrap(name, modules[name])  # an instance attribute shadows the method
             wrapped_modules.append(modules[name])
         Function.__call__ = call
-        engine._grad_enabled = True
-        with _preserved(model):
+        with engine.set_grad_enabled(True), _preserved(model):
             output = model(images if isinstance(images, Tensor) else Tensor(images))
         events.append(("(model)", "output", output))
     finally:
         Function.__call__ = original_call
-        engine._grad_enabled = previous_grad
         for module in wrapped_modules:
             vars(module).pop("forward", None)
 

@@ -19,6 +19,7 @@ def add(a: Tensor, b: Tensor) -> Tensor:
 
 class ReLUFunction(Function):
     """y = max(x, 0);  dx = gy where x > 0 (the kink at 0 takes gradient 0, like torch)"""
+    saves_inputs = False  # keeps the mask x > 0
 
     def forward(self, x):
         self.positive = x > 0
@@ -34,6 +35,7 @@ def relu(x: Tensor) -> Tensor:
 
 class Concat(Function):
     """y = [x_0, x_1, ...] joined along ``axis``;  dx_k = the matching slice of gy"""
+    saves_inputs = False
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
@@ -61,6 +63,7 @@ def concat(tensors: Sequence[Tensor], axis: int = 1) -> Tensor:
 
 class Pad(Function):
     """y = x with ``widths`` = ((before, after), ...) constant-filled borders;  dx = the interior of gy"""
+    saves_inputs = False
 
     def __init__(self, widths, value: float) -> None:
         self.widths, self.value = widths, value
@@ -86,6 +89,7 @@ def pad(x: Tensor, padding: Sequence[int], value: float = 0.0) -> Tensor:
 
 class DropoutFunction(Function):
     """y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p);  dx = gy * mask / (1 - p)"""
+    saves_inputs = False
 
     def __init__(self, p: float, rng) -> None:
         self.p, self.rng = p, rng

@@ -10,6 +10,7 @@ from ..engine import Function, Tensor, as_tensor
 
 class LogSoftmax(Function):
     """y = x - logsumexp(x, axis);  dx = gy - softmax(x) * sum(gy, axis)"""
+    saves_inputs, saves_output = False, True
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
@@ -27,6 +28,7 @@ class LogSoftmax(Function):
 
 class Softmax(Function):
     """y = exp(x) / sum(exp(x), axis);  dx = y * (gy - sum(gy * y, axis))"""
+    saves_inputs, saves_output = False, True
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
@@ -58,6 +60,7 @@ class CrossEntropy(Function):
     cross_entropy refuses up front for CPU data) makes its pixel's loss and gradient NaN, so a
     GPU step needs no sync to check labels and the trainer's finite-loss check stops on it.
     """
+    saves_inputs = False  # keeps log-probabilities it computed
 
     def __init__(self, ignore_index: int, reduction: str) -> None:
         self.ignore_index, self.reduction = ignore_index, reduction

@@ -79,6 +79,9 @@ def batch_norm(x: Tensor, running_mean, running_var, weight: Optional[Tensor] = 
     for name, a in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if a is not None and tuple(a.shape) != (C,):
             raise ValueError(f"batch_norm {name} must have shape ({C},) for input {x.shape}, got {tuple(a.shape)}")
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None and as_tensor(a).dtype != x.dtype:
+            raise TypeError(f"batch_norm input is {x.dtype} but its {name} is {as_tensor(a).dtype}; cast one")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in eval mode needs running_mean and running_var")
     rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean

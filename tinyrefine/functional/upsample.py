@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -68,6 +69,7 @@ class Bilinear(Function):
     Written as two matrix products, bilinear interpolation is plainly linear in x,
     and its backward is the exact adjoint: dx = A_h^T @ gy @ A_w.
     """
+    saves_inputs = False  # keeps shapes and interpolation tables only
 
     def __init__(self, size: Tuple[int, int], align_corners: bool, scales=(None, None)) -> None:
         self.size, self.align_corners, self.scales = size, align_corners, scales
@@ -156,7 +158,8 @@ def interpolate(x: Tensor, size: Optional[IntPair] = None, scale_factor: Optiona
     """Bilinear resize of an NCHW tensor to ``size`` or by ``scale_factor`` (up or down).
 
     Matches torch.nn.functional.interpolate(mode='bilinear'): with ``scale_factor`` the
-    output size is floor(in * scale) and the sampling ratio is 1/scale.
+    output size is floor(in * scale) and the sampling ratio is 1/scale, except on an axis
+    whose size does not change (floor(in * scale) == in), which torch leaves as it is.
     """
     x = as_tensor(x)
     _check_input(x, "interpolate")
@@ -169,11 +172,13 @@ def interpolate(x: Tensor, size: Optional[IntPair] = None, scale_factor: Optiona
     if size is not None:
         size = _pair(size, "size", 1)
     else:
-        scales = (scale_factor, scale_factor) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
-        if len(scales) != 2 or any(s <= 0 for s in scales):
+        scales = (scale_factor, scale_factor) if isinstance(scale_factor, numbers.Real) else tuple(scale_factor)
+        if len(scales) != 2 or not all(isinstance(s, numbers.Real) and s > 0 for s in scales):
             raise ValueError(f"scale_factor must be positive (one number or a pair), got {scale_factor!r}")
         size = (int(np.floor(H * scales[0])), int(np.floor(W * scales[1])))
         if min(size) < 1:
             raise ValueError(f"scale_factor {scale_factor!r} shrinks input {x.shape} to an empty output {size}")
-        scales = tuple(float(s) for s in scales) if not align_corners else (None, None)
+        # align_corners=True never uses the scale; an axis that keeps its size is the identity (torch)
+        scales = tuple(None if (align_corners or n_out == n_in) else float(s)
+                       for s, n_in, n_out in zip(scales, (H, W), size))
     return Bilinear(size, bool(align_corners), scales)(x)

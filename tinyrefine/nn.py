@@ -192,8 +192,11 @@ class Conv2d(Module):
     """A 2-D convolution layer; weights drawn as torch draws them (Kaiming-uniform, a=sqrt(5))."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, bias: bool = True, rng: Optional[np.random.Generator] = None) -> None:
+                 dilation: int = 1, bias: bool = True, rng: Optional[np.random.Generator] = None,
+                 algorithm: str = "auto") -> None:
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if algorithm not in F.winograd.ALGORITHMS:
+            raise ValueError(f"Conv2d algorithm must be one of {F.winograd.ALGORITHMS}, got {algorithm!r}")
         fan_in = in_channels * k[0] * k[1]
         bound = 1.0 / math.sqrt(fan_in)  # = kaiming_uniform(a=sqrt(5)) bound, as torch
         rng = _rng(rng)
@@ -201,14 +204,16 @@ class Conv2d(Module):
         self.bias = Parameter(rng.uniform(-bound, bound, out_channels).astype(np.float32)) if bias else None
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.algorithm = algorithm  # 'auto': F.conv2d picks im2col or Winograd per shape (measured rule)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.algorithm)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}" + (f", dilation={self.dilation}" if self.dilation != 1 else "")
-                + ("" if self.bias is not None else ", bias=False"))
+                + ("" if self.bias is not None else ", bias=False")
+                + ("" if self.algorithm == "auto" else f", algorithm={self.algorithm!r}"))
 
 
 class BatchNorm2d(Module):

@@ -3,6 +3,7 @@
 One module per kernel family, so a kernel is found by its file name:
 
     conv.py         conv2d = im2col + GEMM; col2im, its adjoint; conv_transpose2d = col2im(W^T x)
+    winograd.py     3x3 stride-1 conv2d by Winograd's F(2x2,3x3) / F(4x4,3x3); conv2d(algorithm='auto') picks
     pool.py         max_pool2d (-inf padding, torch's tie and NaN rules, return_indices) and
                     max_unpool2d; avg_pool2d and adaptive_avg_pool2d as two matrix products
                     (P_h x P_w^T), exact adjoint
@@ -55,8 +56,10 @@ from .upsample import (
            interpolation_tables,
            interpolation_taps,
 )
+from .winograd import Conv2dWinogradFunction, winograd_matrices
 
 __all__ = ["AdaptiveAvgPool2dFunction", "AvgPool2dFunction", "Bilinear", "BatchNorm", "Concat", "Conv2dFunction",
+           "Conv2dWinogradFunction", "winograd_matrices",
            "ConvTranspose2dFunction", "CrossEntropy", "DropoutFunction", "IntPair", "LogSoftmax", "MaxPool2dFunction",
            "MaxUnpool2dFunction", "Pad", "ReLUFunction", "Softmax", "adaptive_avg_pool2d", "adaptive_pool_matrix",
            "add", "avg_pool2d", "avg_pool_matrix", "batch_norm", "col2im", "concat", "conv2d", "conv_transpose2d",

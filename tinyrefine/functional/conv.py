@@ -9,6 +9,7 @@ from .. import backend
 from ..backend import get_array_module
 from ..engine import Function, Tensor, as_tensor
 from .common import IntPair, _check_input, _out_size, _pair, over_planes, scratch
+from .winograd import ALGORITHMS, TILE_OF, Conv2dWinogradFunction, choose_algorithm, winograd_refusal
 
 
 def im2col(x, kernel, stride, padding, dilation, out=None):
@@ -211,8 +212,13 @@ class Conv2dFunction(Function):
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
-           padding: IntPair = 0, dilation: IntPair = 1) -> Tensor:
-    """2-D convolution (cross-correlation, like torch), NCHW input, weight (C_out, C_in, kH, kW)."""
+           padding: IntPair = 0, dilation: IntPair = 1, algorithm: str = "auto") -> Tensor:
+    """2-D convolution (cross-correlation, like torch), NCHW input, weight (C_out, C_in, kH, kW).
+
+    ``algorithm``: 'im2col' (any geometry), 'winograd' (F(2x2,3x3)) or 'winograd4' (F(4x4,3x3)) for
+    3x3 stride-1 convs (functional/winograd.py), or 'auto': the measured rule in ``winograd.choose_algorithm``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     x, weight = as_tensor(x), as_tensor(weight)
     _check_input(x, "conv2d")
     if weight.ndim != 4:
@@ -229,6 +235,14 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
         if span > padded:
             raise ValueError(f"conv2d kernel {tuple(weight.shape[2:])} with dilation {op.dilation} spans {span} "
                              f"but the padded input is only {padded} ({'HW'[axis]} of input {x.shape}, padding {op.padding})")
+    if algorithm == "auto":
+        algorithm = choose_algorithm(x.shape, weight.shape, op.stride, op.dilation, backend.device_of(x.data))
+    if algorithm != "im2col":
+        refusal = winograd_refusal(weight.shape, op.stride, op.dilation)
+        if refusal is not None:
+            raise ValueError(f"conv2d algorithm={algorithm!r} needs a 3x3 kernel, stride 1 and dilation 1: {refusal} "
+                             "(use algorithm='im2col' or 'auto')")
+        op = Conv2dWinogradFunction(op.padding, TILE_OF[algorithm])
     return op(x, weight) if bias is None else op(x, weight, bias)
 
 

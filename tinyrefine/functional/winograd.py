@@ -1,0 +1,224 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering (Lavin & Gray 2016), F(2x2,3x3) and F(4x4,3x3).
+
+The 1-D algorithm F(m, 3) computes m outputs of a 3-tap correlation y_j = sum_k g_k d_{j+k} from a = m + 2
+inputs with a multiplications instead of 3m (Winograd 1980; Toom-Cook). It is the transpose of a
+polynomial product: the linear convolution s = g * h (g of degree 2, h of degree m-1) is evaluated at a
+points, multiplied pointwise and interpolated back, s = V^-1 [(V_g g) ⊙ (V_h h)], where V, V_g, V_h
+evaluate polynomials of degree a-1, 2, m-1 at the points (the point "infinity" reads the leading coefficient).
+Since <d, s> = <h, y> for every h (both are sum_{j,k} d_{j+k} g_k h_j), transposing gives
+
+    y = A^T [ (G g) ⊙ (B^T d) ],   A = V_h,  G = D^-1 V_g,  B^T = D V^-T,
+
+with D = diag(prod_{l != i} (x_i - x_l)) moved from B^T into G so that B^T is integer (Lavin & Gray's
+choice). Points 0, 1, -1 (+ infinity) give F(2,3) (16 multiplications per 2x2 output tile in 2-D instead
+of 36); 0, ±1, ±2 give F(4,3) (36 instead of 144), Lavin & Gray's matrices up to signs. Nested in 2-D:
+
+    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A        (d: one a x a input tile, Y: its m x m output tile)
+
+Each transform of an a x a tile is one matrix, kron(B^T, B^T) on the row-major flattened tile, so every
+stage is a GEMM over all tiles and channels at once (ours):
+
+    V = KB @ D          (a², C, tiles)     KB = kron(B^T, B^T)   input tiles, overlapping by 2
+    U = KG @ w          (a², O, C)         KG = kron(G, G)
+    M[k] = U[k] @ V[k]  (a², O, tiles)     one (O x C) @ (C x tiles) GEMM per tile position k
+    Y = KA @ M          (m², O, tiles)     KA = kron(A^T, A^T)   output tiles, cropped to Ho x Wo
+
+Backward is the exact adjoint of each linear stage (ours; the weight gradient is Lavin & Gray's
+"update" convolution written in the transformed domain):
+
+    gM = KA^T @ gY,  gU[k] = gM[k] @ V[k]^T,  gw = KG^T @ gU    i.e. dW = G^T [ sum_tiles (B^T d B) ⊙ (A dY A^T) ] G
+                     gV[k] = U[k]^T @ gM[k],  gD = KB^T @ gV    then overlapping tiles add back into dx
+
+Forward saves x and w, like the im2col conv, and backward recomputes V and U (one transform each):
+keeping V would cost a²/m² times the input's memory per layer. The same array code runs on NumPy and
+CuPy (``xp = get_array_module(x)``): gathers are strided copies, scatters strided adds, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+from fractions import Fraction
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+from ..engine import Function
+from .common import IntPair, _out_size, _pair
+
+TILE_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, 2, -2)}  # F(2,3): Lavin & Gray; F(4,3): Lavin & Gray's points
+
+
+def _solve_exact(matrix):  # inverse of a small square matrix of Fractions (Gauss-Jordan, exact)
+    n = len(matrix)
+    rows = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [v / rows[col][col] for v in rows[col]]
+        for r in range(n):
+            if r != col and rows[r][col] != 0:
+                rows[r] = [a - rows[r][col] * b for a, b in zip(rows[r], rows[col])]
+    return [row[n:] for row in rows]
+
+
+def winograd_matrices(m: int, points: Optional[Sequence[int]] = None, r: int = 3) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A^T (m, a), G (a, r), B^T (a, a)) of F(m, r), a = m + r - 1, from a - 1 finite points and infinity.
+
+    Built exactly in rationals by the construction in the module docstring, then rounded to float64."""
+    points = TILE_POINTS[m] if points is None else tuple(points)
+    a = m + r - 1
+    if len(points) != a - 1 or len(set(points)) != len(points):
+        raise ValueError(f"F({m},{r}) needs {a - 1} distinct finite points, got {points}")
+    xs = [Fraction(p) for p in points]
+
+    def evaluate(degree_plus_one):  # (a, degree + 1): rows x_i^j, and infinity picks the last coefficient
+        return [[x ** j for j in range(degree_plus_one)] for x in xs] + \
+               [[Fraction(int(j == degree_plus_one - 1)) for j in range(degree_plus_one)]]
+    scale = [Fraction(1)] * a
+    for i, x in enumerate(xs):
+        for k, other in enumerate(xs):
+            scale[i] *= (x - other) if k != i else 1
+    V_inv = _solve_exact(evaluate(a))                                   # V^-1 (a, a)
+    A_T = np.array(evaluate(m), dtype=float).T                          # V_h^T
+    G = np.array([[v / scale[i] for v in row] for i, row in enumerate(evaluate(r))], dtype=float)
+    B_T = np.array([[scale[i] * V_inv[j][i] for j in range(a)] for i in range(a)], dtype=float)  # D V^-T
+    return A_T, G, B_T
+
+
+@functools.lru_cache(maxsize=16)
+def transform_tables(m: int, dtype, device: str) -> tuple:
+    """(KB (a², a²), KG (a², 9), KA (m², a²)) = kron of each 1-D transform with itself, in ``dtype`` on
+    ``device``, built once and shared (read-only on the CPU): a training step uploads nothing."""
+    A_T, G, B_T = winograd_matrices(m)
+    tables = tuple(np.kron(M, M).astype(dtype) for M in (B_T, G, A_T))
+    if device == "cpu":
+        for t in tables:
+            t.setflags(write=False)
+        return tables
+    return tuple(backend.to_device(t, device) for t in tables)
+
+
+def _tiles_of(m: int, out_hw: Tuple[int, int]) -> Tuple[int, int]:
+    return -(-out_hw[0] // m), -(-out_hw[1] // m)                      # ceil: the last tile may overhang
+
+
+def _input_tiles(x, m: int, padding: Tuple[int, int], tiles_hw: Tuple[int, int]):
+    """d[u, v, c, n, i, j] = xpad[n, c, i*m + u, j*m + v] -> (a, a, C, N, th, tw); xpad zero beyond x."""
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    (th, tw), (ph, pw), a = tiles_hw, padding, m + 2
+    xpad = xp.zeros((N, C, th * m + 2, tw * m + 2), dtype=x.dtype)     # covers every tile, overhang included
+    xpad[:, :, ph:ph + H, pw:pw + W] = x
+    tiles = xp.empty((a, a, C, N, th, tw), dtype=x.dtype)
+    for u in range(a):
+        for v in range(a):  # a² strided copies, as im2col makes kh*kw
+            tiles[u, v] = xpad[:, :, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m].transpose(1, 0, 2, 3)
+    return tiles
+
+
+def _per_position_gemm(left, right, transpose_left: bool = False, transpose_right: bool = False):
+    """out[k] = op(left[k]) @ op(right[k]) for each of the a² tile positions k."""
+    xp = get_array_module(left)
+    left = left.transpose(0, 2, 1) if transpose_left else left
+    right = right.transpose(0, 2, 1) if transpose_right else right
+    if xp is not np:
+        return xp.matmul(left, right)                                   # one batched GEMM
+    out = np.empty((left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype)
+    for k in range(left.shape[0]):  # one BLAS call each (numpy's stacked matmul is slower here)
+        np.matmul(left[k], right[k], out=out[k])
+    return out
+
+
+class Conv2dWinogradFunction(Function):
+    """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i + p, j + q]  (3x3, stride 1, dilation 1)
+
+    Computed tile by tile as Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A with F(m x m, 3x3), m = 2 or 4; the
+    GEMM form and the adjoint backward are derived in the module docstring.
+    """
+
+    def __init__(self, padding: IntPair = 0, tile: int = 2) -> None:
+        if tile not in TILE_POINTS:
+            raise ValueError(f"Winograd tile must be one of {sorted(TILE_POINTS)} (F(2x2,3x3) or F(4x4,3x3)), got {tile!r}")
+        self.padding, self.m = _pair(padding, "padding", 0), tile
+
+    def _transformed_input(self, x, KB):  # V (a², C, N*th*tw)
+        a2 = KB.shape[0]
+        tiles = _input_tiles(x, self.m, self.padding, self.tiles_hw)
+        return (KB @ tiles.reshape(a2, -1)).reshape(a2, x.shape[1], -1)
+
+    def _transformed_filter(self, w, KG):  # U (a², O, C)
+        O, C = w.shape[:2]
+        return (KG @ w.reshape(O * C, 9).T).reshape(KG.shape[0], O, C)
+
+    def forward(self, x, w, b=None):
+        self.x, self.w, self.has_bias = x, w, b is not None
+        xp = get_array_module(x)
+        N, O, m = x.shape[0], w.shape[0], self.m
+        self.out_hw = tuple(_out_size(x.shape[2 + i], 3, 1, self.padding[i]) for i in (0, 1))
+        self.tiles_hw = th, tw = _tiles_of(m, self.out_hw)
+        KB, KG, KA = transform_tables(m, x.dtype, backend.device_of(x))
+        M = _per_position_gemm(self._transformed_filter(w, KG), self._transformed_input(x, KB))  # (a², O, N*th*tw)
+        Y = (KA @ M.reshape(M.shape[0], -1)).reshape(m, m, O, N, th, tw)
+        Ho, Wo = self.out_hw
+        Y = Y.transpose(3, 2, 4, 0, 5, 1)                                   # (N, O, th, m, tw, m)
+        y = xp.empty((N, O, Ho, Wo), dtype=x.dtype)
+        if (Ho, Wo) == (th * m, tw * m):
+            y.reshape(Y.shape)[...] = Y                                     # one copy into a view of y
+        else:                                                               # the last tiles overhang: crop
+            y[...] = Y.reshape(N, O, th * m, tw * m)[:, :, :Ho, :Wo]
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    def backward(self, gy):
+        x, w, m = self.x, self.w, self.m
+        xp = get_array_module(gy)
+        (N, C, H, W), O = x.shape, w.shape[0]
+        (th, tw), (Ho, Wo), (ph, pw), a = self.tiles_hw, self.out_hw, self.padding, m + 2
+        KB, KG, KA = transform_tables(m, gy.dtype, backend.device_of(gy))
+        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
+        if (Ho, Wo) != (th * m, tw * m):                                    # zero where the last tiles overhang
+            gy_full = xp.zeros((N, O, th * m, tw * m), dtype=gy.dtype)
+            gy_full[:, :, :Ho, :Wo] = gy
+            gy = gy_full
+        gy_tiles = xp.ascontiguousarray(gy.reshape(N, O, th, m, tw, m).transpose(3, 5, 1, 0, 2, 4))  # (m, m, O, N, th, tw)
+        gM = (KA.T @ gy_tiles.reshape(m * m, -1)).reshape(a * a, O, -1)  # (a², O, N*th*tw)
+        V = self._transformed_input(x, KB)                                # recomputed (see module docstring)
+        gw = gx = None
+        if self.needs_input_grad[1]:
+            gU = _per_position_gemm(gM, V, transpose_right=True)         # (a², O, C): sum over tiles
+            gw = (KG.T @ gU.reshape(a * a, -1)).T.reshape(w.shape)
+        del V
+        if self.needs_input_grad[0]:
+            gV = _per_position_gemm(self._transformed_filter(w, KG), gM, transpose_left=True)  # (a², C, N*th*tw)
+            gD = (KB.T @ gV.reshape(a * a, -1)).reshape(a, a, C, N, th, tw)
+            gxpad = xp.zeros((N, C, th * m + 2, tw * m + 2), dtype=gy.dtype)
+            for u in range(a):
+                for v in range(a):  # adjoint of the gather: overlapping tiles add up (strided adds, no atomics)
+                    gxpad[:, :, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m] += gD[u, v].transpose(1, 0, 2, 3)
+            gx = xp.ascontiguousarray(gxpad[:, :, ph:ph + H, pw:pw + W])
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+ALGORITHMS = ("auto", "im2col", "winograd", "winograd4")  # winograd: F(2x2,3x3); winograd4: F(4x4,3x3)
+TILE_OF = {"winograd": 2, "winograd4": 4}
+
+
+def winograd_refusal(w_shape: tuple, stride: Tuple[int, int], dilation: Tuple[int, int]) -> Optional[str]:
+    """Why Winograd cannot compute this conv (None when it can): it is derived for 3x3, stride 1, dilation 1."""
+    if tuple(w_shape[2:]) != (3, 3):
+        return f"kernel {tuple(w_shape[2:])} is not 3x3"
+    if stride != (1, 1):
+        return f"stride {stride} is not 1"
+    if dilation != (1, 1):
+        return f"dilation {dilation} is not 1"
+    return None
+
+
+def choose_algorithm(x_shape: tuple, w_shape: tuple, stride: Tuple[int, int], dilation: Tuple[int, int],
+                     device: str) -> str:
+    """The rule behind ``algorithm='auto'`` (measured, see below); im2col wherever Winograd does not apply."""
+    if winograd_refusal(w_shape, stride, dilation) is not None or device != "cpu":
+        return "im2col"
+    return "im2col"  # placeholder until the benchmark table decides

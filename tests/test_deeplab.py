@@ -186,3 +186,64 @@ def test_image_pooling_branch_is_constant_over_space_and_gradchecks():
     y = pool(x).data
     assert y.shape == (2, 2, 5, 4) and np.allclose(y, y[:, :, :1, :1])
     assert tr.gradcheck(lambda t: pool(t), [x])
+
+
+# --------------------------------------------------------------------------- command line
+def test_predict_with_torchvision_weights_needs_no_torch(tmp_path):
+    """``predict --weights`` on a torchvision deeplabv3_resnet50 file (legacy format, random weights,
+    non-trivial BN statistics) in a process where torch cannot be imported: its mask is torchvision's
+    argmax on the same normalised image, and the normalisation is torchvision's."""
+    torch, segmentation = _torchvision()
+    from PIL import Image
+    from tinyrefine.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_mask
+    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
+    preset = DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.transforms()
+    assert tuple(preset.mean) == IMAGENET_MEAN and tuple(preset.std) == IMAGENET_STD
+    theirs = _tv_model(segmentation, "deeplabv3_resnet50", aux=True).eval()
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        for name, buf in theirs.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.from_numpy(rng.uniform(-0.2, 0.2, buf.shape)))
+    torch.save(theirs.state_dict(), tmp_path / "deeplab.pth", _use_new_zipfile_serialization=False)
+    image = rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    normalized, _ = eval_transform(None)(image, np.zeros((48, 56), np.uint8), None)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(normalized[None]))["out"][0].argmax(0).numpy()
+
+    import subprocess
+    code = ("import sys; sys.modules['torch'] = None; from tinyrefine.cli import main; "
+            f"sys.exit(main(['predict', '--weights', {str(tmp_path / 'deeplab.pth')!r}, '--model', 'deeplabv3', "
+            f"{str(tmp_path / 'photo.png')!r}, '--out', {str(tmp_path / 'out')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    mask = load_mask(tmp_path / "out" / "photo_mask.png")
+    assert len(np.unique(expected)) > 1 and (mask == expected).mean() > 0.99
+
+    from tinyrefine import cli
+    assert cli.main(["predict", "--weights", str(tmp_path / "deeplab.pth"), "--model", "fcn",
+                     str(tmp_path / "photo.png")]) == 2     # the file holds a deeplabv3
+
+
+@pytest.mark.parametrize("model", ["deeplabv3", "fcn"])
+def test_train_evaluate_predict_with_model_flag(tmp_path, model, capsys):
+    from PIL import Image
+    from tinyrefine import cli
+    from tinyrefine.io import load_npz_meta
+    out = tmp_path / "run"
+    tiny = ["--data", "shapes:48", "--encoder", "resnet18", "--encoder-width", "4", "--features", "8", "--crop", "48",
+            "--batch-size", "2", "--iters", "2", "--eval-limit", "2", "--out", str(out), "--quiet"]
+    assert cli.main(["train", "--model", model, "--output-stride", "16"] + tiny) == 0
+    config = load_npz_meta(out / "checkpoint.npz")["config"]
+    assert config["model"] == model and config["output_stride"] == 16
+    checkpoint = ["--checkpoint", str(out / "checkpoint.npz")]
+    if model == "fcn":
+        return  # evaluate and predict are the same code for both
+    assert cli.main(["evaluate", "--model", model] + checkpoint) == 0
+    other = "fcn" if model == "deeplabv3" else "deeplabv3"
+    assert cli.main(["evaluate", "--model", other] + checkpoint) == 2
+    assert f"holds a {model}, not a {other}" in capsys.readouterr().err
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "img.png")
+    assert cli.main(["predict", str(tmp_path / "img.png"), "--out", str(tmp_path / "pred")] + checkpoint) == 0
+    assert (tmp_path / "pred" / "img_mask.png").exists()

@@ -26,6 +26,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     d = {**dataclasses.asdict(TrainConfig()), **defaults}
     p.add_argument("--data", default=d["data"], help="shapes[:SIZE] | voc:PATH | camvid:PATH (default: %(default)s)")
     p.add_argument("--subset", type=int, default=d["subset"], help="use the first N training images")
+    p.add_argument("--model", default=d["model"], choices=["refinenet", "deeplabv3", "fcn"],
+                   help="refinenet, or torchvision's DeepLabV3 / FCN built from the same kernels (default: %(default)s)")
+    p.add_argument("--output-stride", type=int, default=d["output_stride"], choices=[8, 16],
+                   help="deeplabv3 / fcn: the encoder's output stride (8: torchvision's, 16: the DeepLabv3 paper's)")
     p.add_argument("--encoder", default=d["encoder"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     p.add_argument("--encoder-width", type=int, default=d["encoder_width"], help="ResNet base width (64 in the paper)")
     p.add_argument("--features", type=int, default=d["features"], help="decoder width (256 in the paper)")
@@ -96,14 +100,19 @@ def _scales(text: str) -> List[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyrefine", description="RefineNet from scratch on NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train_arguments(sub.add_parser("train", help="train a RefineNet"), {})
+    _add_train_arguments(sub.add_parser("train", help="train a RefineNet (or --model deeplabv3 | fcn)"), {})
     demo = sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (about 8 minutes on 2 CPU cores)")
     _add_train_arguments(demo, DEMO)
     demo.add_argument("--quick", action="store_true",
                       help=f"a first look: {DEMO_QUICK['iters']} iterations into {DEMO_QUICK['out']} (about 2 minutes)")
     for name in ("evaluate", "predict"):
         p = sub.add_parser(name, help="mIoU on a validation split" if name == "evaluate" else "segment image files")
-        p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by train")
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--checkpoint", help="a checkpoint.npz written by train")
+        source.add_argument("--weights", help="a torchvision deeplabv3_resnet50/101 or fcn_resnet50/101 .pth "
+                                              "(read without torch; VOC classes, ImageNet normalisation)")
+        p.add_argument("--model", default=None, choices=["refinenet", "deeplabv3", "fcn"],
+                       help="the architecture the file must hold (default: whatever it holds)")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         p.add_argument("--scales", type=_scales, default=[1.0], help="e.g. 0.75,1,1.25 (averaged, as in the paper)")
         p.add_argument("--flip", action="store_true", help="also average over horizontal flips")
@@ -144,7 +153,15 @@ def _run(args: argparse.Namespace) -> int:
             paths = T.save_val_predictions(config, result["model"], result["val_set"], n=4)
             print("predictions: " + ", ".join(paths))
         return 0
-    model, meta = T.load_model(args.checkpoint, args.device)
+    if args.weights:
+        model, meta = T.load_torchvision_model(args.weights, args.model, args.device)
+        if args.command == "evaluate" and not args.data:
+            raise ValueError("evaluate --weights needs --data (a torchvision file says nothing about its data set)")
+    else:
+        model, meta = T.load_model(args.checkpoint, args.device)
+        trained = meta["config"].get("model", "refinenet")
+        if args.model is not None and args.model != trained:
+            raise ValueError(f"{args.checkpoint} holds a {trained}, not a {args.model}")
     if args.command == "evaluate":
         config = T.TrainConfig(**{**meta["config"], "pretrained": None})
         if args.data:

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .data import (CamVid, DataLoader, Shapes, VOCSegmentation, colorize, eval_t
 from .engine import Tensor, no_grad
 from .io import atomic_write_bytes, load_npz, load_npz_meta, load_torch_checkpoint, save_npz
 from .metrics import RunningConfusion
-from .models import RefineNet
+from .models import FCN, DeepLabV3, RefineNet
 from .optim import SGD, Adam, PolyLR, clip_grad_norm, encoder_decoder_groups
 
 
@@ -36,6 +36,8 @@ class TrainConfig:
     """Everything a run depends on (saved in every checkpoint)."""
     data: str = "shapes"                 # shapes[:SIZE] | voc:PATH | camvid:PATH
     subset: Optional[int] = None         # first N training ids (for a full VOC download)
+    model: str = "refinenet"             # refinenet | deeplabv3 | fcn (torchvision's, to compare with)
+    output_stride: int = 8               # deeplabv3 / fcn: 8 (torchvision's) or 16 (the DeepLabv3 paper's)
     encoder: str = "resnet18"
     encoder_width: int = 64
     features: int = 256
@@ -92,19 +94,37 @@ def build_datasets(config: TrainConfig):
     return train, val, train.num_classes
 
 
-def build_model(config: TrainConfig, num_classes: int) -> RefineNet:
-    model = RefineNet(num_classes, config.encoder, n_crp=config.n_crp, cascade=config.cascade,
-                      freeze_bn=config.freeze_bn, improved_crp=config.improved_crp, features=config.features,
-                      encoder_width=config.encoder_width, two_scale=config.two_scale, shortcuts=config.shortcuts,
-                      long_range=config.long_range, crp_relu=config.crp_relu,
-                      # without the identities there is no residual branch to zero
-                      zero_init_residual=config.zero_init_residual and config.shortcuts, seed=config.seed)
+MODELS = ("refinenet", "deeplabv3", "fcn")
+
+
+def build_model(config: TrainConfig, num_classes: int) -> Union[RefineNet, DeepLabV3, FCN]:
+    """``config.model`` with ``num_classes`` outputs; DeepLabV3's ASPP gets ``features`` channels (256 in
+    the paper), the FCN head is torchvision's (in/4 channels)."""
+    if config.model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {config.model!r}")
+    if config.model == "deeplabv3":
+        model = DeepLabV3(num_classes, config.encoder, output_stride=config.output_stride, width=config.encoder_width,
+                          aspp_channels=config.features, freeze_bn=config.freeze_bn, seed=config.seed)
+    elif config.model == "fcn":
+        model = FCN(num_classes, config.encoder, output_stride=config.output_stride, width=config.encoder_width,
+                    freeze_bn=config.freeze_bn, seed=config.seed)
+    else:
+        model = _build_refinenet(config, num_classes)
     if config.pretrained:
         weights = load_torch_checkpoint(config.pretrained)
         encoder_weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         for encoder in model.encoders():      # the 2-scale variant: both start from the same weights
             encoder.load_state_dict(encoder_weights, strict=True)
     return model.to(config.device)
+
+
+def _build_refinenet(config: TrainConfig, num_classes: int) -> RefineNet:
+    return RefineNet(num_classes, config.encoder, n_crp=config.n_crp, cascade=config.cascade,
+                     freeze_bn=config.freeze_bn, improved_crp=config.improved_crp, features=config.features,
+                     encoder_width=config.encoder_width, two_scale=config.two_scale, shortcuts=config.shortcuts,
+                     long_range=config.long_range, crp_relu=config.crp_relu,
+                     # without the identities there is no residual branch to zero
+                     zero_init_residual=config.zero_init_residual and config.shortcuts, seed=config.seed)
 
 
 def build_optimizer(config: TrainConfig, model: RefineNet):
@@ -191,6 +211,45 @@ def load_model(path: str, device: str = "cpu") -> Tuple[RefineNet, Dict[str, Any
     return model.eval(), meta
 
 
+def load_torchvision_model(path: str, model: Optional[str] = None, device: str = "cpu"
+                           ) -> Tuple[Union[DeepLabV3, FCN], Dict[str, Any]]:
+    """A torchvision segmentation checkpoint (``deeplabv3_resnet50/101`` or ``fcn_resnet50/101``: a state
+    dict of the whole model, zip or legacy ``.pth``) as our model, ready for inference, without torch.
+
+    The architecture is read off the names and shapes: DeepLabV3 if ``classifier.0.convs.*`` exist, else
+    FCN; the ResNet depth from the number of layer3 blocks; the classes from the last conv; the aux head
+    from ``aux_classifier.*``. ``model`` ('deeplabv3' or 'fcn'), when given, must agree. The meta's config
+    says how the model was built (torchvision's defaults: output stride 8, ASPP rates 12/24/36)."""
+    from .models.resnet import DEPTHS
+    from .models import ENCODERS
+    state = load_torch_checkpoint(path)
+    if "backbone.conv1.weight" not in state or "classifier.4.weight" not in state:
+        raise ValueError(f"{path} is not a torchvision DeepLabV3/FCN state dict (no backbone.conv1.weight or "
+                         f"classifier.4.weight; its first keys: {list(state)[:4]})")
+    kind = "deeplabv3" if "classifier.0.convs.0.0.weight" in state else "fcn"
+    if model is not None and model != kind:
+        raise ValueError(f"{path} holds a {kind} (its classifier's names say so), not a {model}")
+    blocks = len({k.split(".")[2] for k in state if k.startswith("backbone.layer3.")})
+    block_kind = "bottleneck" if "backbone.layer1.0.conv3.weight" in state else "basic"
+    encoder = next((name for name, depth in ENCODERS.items() if DEPTHS[depth][0] == block_kind
+                    and DEPTHS[depth][1][2] == blocks), None)
+    if encoder is None:
+        raise ValueError(f"{path}: a ResNet with {blocks} {block_kind} blocks in layer3 is not one we build")
+    num_classes, width = state["classifier.4.weight"].shape[0], state["backbone.conv1.weight"].shape[0]
+    features = state["classifier.0.convs.0.0.weight"].shape[0] if kind == "deeplabv3" else 256
+    aux = any(k.startswith("aux_classifier.") for k in state)
+    # the aux head is built when present so that strict loading checks every tensor; inference ignores it
+    if kind == "deeplabv3":
+        net = DeepLabV3(num_classes, encoder, aux_loss=aux, width=width, aspp_channels=features)
+    else:
+        net = FCN(num_classes, encoder, aux_loss=aux, width=width)
+    net.load_state_dict(state)
+    config = TrainConfig(model=kind, encoder=encoder, encoder_width=width, features=features, freeze_bn=False,
+                         device=device)
+    return net.to(device).eval(), {"num_classes": num_classes, "config": dataclasses.asdict(config),
+                                   "weights": str(path)}
+
+
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           stop_after: Optional[int] = None, log_every_s: Optional[float] = None) -> Dict[str, Any]:
@@ -225,7 +284,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         model_state, optim_state, meta = load_checkpoint(checkpoint)
         _check_same_run(meta["config"], config)
         model.load_state_dict(model_state)
+        asked = [group["initial_lr"] for group in optimizer.param_groups]   # this run's --lr / --encoder-lr
         optimizer.load_state_dict(optim_state)
+        for group, lr, what in zip(optimizer.param_groups, asked, ("encoder", "decoder")):
+            if lr != group["initial_lr"]:   # a changed LR takes effect: the schedule continues from it
+                print(f"resume: {what} base lr {group['initial_lr']:g} -> {lr:g} (the schedule continues from the new value)")
+                group["initial_lr"] = lr
         start, epoch, batch_index, history = meta["iteration"], meta["epoch"], meta["batch_index"], meta["history"]
 
     def meta(iteration: int) -> Dict[str, Any]:
@@ -316,9 +380,14 @@ def schedule_lr(optimizer) -> float:
 
 
 def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
-    """Resuming with another model or data set would silently train something else."""
-    fixed = ("data", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
-             "shortcuts", "long_range", "crp_relu", "loss", "crop",
+    """Resuming with another model, parameter set or data would silently train something else.
+
+    Refused when changed: what builds the network or its parameter set (freeze_bn decides which
+    parameters the optimizer holds), the data and its sampling, the optimizer. Allowed, and taking
+    effect: lr / encoder_lr (the schedule continues from the new base), iters, weight decay, momentum,
+    evaluation and logging settings."""
+    fixed = ("data", "model", "output_stride", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
+             "shortcuts", "long_range", "crp_relu", "freeze_bn", "loss", "crop",
              "scale_min", "scale_max", "batch_size", "seed", "optimizer")
     defaults = TrainConfig()        # a key missing from an older checkpoint had its default then
     changed = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r} vs now {getattr(config, k)!r}"

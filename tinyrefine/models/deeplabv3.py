@@ -161,18 +161,20 @@ class DeepLabV3(SegmentationModel):
     ``deeplabv3_resnet50`` state dict (39.6 M parameters without the aux head).
 
     ``aspp_rates`` defaults to (12, 24, 36) at output stride 8 and (6, 12, 18) at 16 (the paper);
-    ``multi_grid`` (e.g. (1, 2, 4)) sets layer4's unit rates; ``width`` scales the ResNet (64 is
-    the real one) for small experiments; ``aux_loss`` adds the FCN head on layer3."""
+    ``multi_grid`` (e.g. (1, 2, 4)) sets layer4's unit rates; ``width`` (64 is the real ResNet) and
+    ``aspp_channels`` (256) shrink the network for small experiments; ``aux_loss`` adds the FCN head
+    on layer3."""
 
     def __init__(self, num_classes: int = 21, encoder: str = "resnet50", output_stride: int = 8,
                  aspp_rates: Optional[Sequence[int]] = None, multi_grid: Optional[Sequence[int]] = None,
-                 aux_loss: bool = False, width: int = 64, freeze_bn: bool = False, seed: int = 0) -> None:
+                 aux_loss: bool = False, width: int = 64, aspp_channels: int = 256, freeze_bn: bool = False,
+                 seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.backbone = _backbone(encoder, output_stride, multi_grid, width, freeze_bn, rng)
         rates = tuple(ASPP_RATES[output_stride] if aspp_rates is None else aspp_rates)
         if not rates or min(rates) < 1:
             raise ValueError(f"aspp_rates must be positive integers, got {aspp_rates!r}")
         _, _, c3, c4 = self.backbone.out_channels                # (256, 512, 1024, 2048) for ResNet-50
-        self.classifier = DeepLabHead(c4, num_classes, rates, channels=256 * width // 64, rng=rng)
+        self.classifier = DeepLabHead(c4, num_classes, rates, channels=aspp_channels, rng=rng)
         self.aux_classifier = FCNHead(c3, num_classes, rng=rng) if aux_loss else None
         self.num_classes, self.output_stride, self.aspp_rates = num_classes, output_stride, rates

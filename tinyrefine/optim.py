@@ -26,10 +26,21 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: List[Dict[str, Any]] = []
+        self.names: Dict[int, str] = {}  # position -> parameter name, where the groups named them
+        position = 0
         for group in groups:
             merged = {**self.defaults, **defaults, **group}
-            merged["params"] = [p for p in group["params"] if p.requires_grad]  # frozen BN stays out
+            names = group.get("names") or [None] * len(group["params"])
+            if len(names) != len(group["params"]):
+                raise ValueError(f"a parameter group has {len(group['params'])} params but {len(names)} names")
+            kept = [(p, n) for p, n in zip(group["params"], names) if p.requires_grad]  # frozen BN stays out
+            merged["params"] = [p for p, _ in kept]
+            merged.pop("names", None)
             merged.setdefault("initial_lr", merged["lr"])
+            for _, name in kept:
+                if name is not None:
+                    self.names[position] = name
+                position += 1
             self.param_groups.append(merged)
         self.state: Dict[int, Dict[str, Any]] = {}  # keyed by position over all groups
         self.steps = 0
@@ -54,35 +65,47 @@ class Optimizer:
     def update(self, p: Parameter, grad, group: Dict[str, Any], state: Dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _key(self, index: int) -> str:
+        return self.names.get(index, str(index))  # the parameter's name where known, else its position
+
     def state_dict(self) -> Dict[str, Any]:
-        """Flat name -> array/number entries (saved to .npz by the checkpoint code)."""
+        """Flat entries ``state.<parameter name>.<field>`` (saved to .npz by the checkpoint code)."""
         out: Dict[str, Any] = {"steps": np.asarray(self.steps)}
         for i, group in enumerate(self.param_groups):
             out[f"group{i}.lr"] = np.asarray(group["lr"])
             out[f"group{i}.initial_lr"] = np.asarray(group["initial_lr"])
         for index, state in self.state.items():
-            for key, value in state.items():
-                out[f"state.{index}.{key}"] = backend.as_numpy(value)
+            for field, value in state.items():
+                out[f"state.{self._key(index)}.{field}"] = backend.as_numpy(value)
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
+        """Restore the state, matched to parameters by name (or position) and shape; every mismatch is named."""
+        saved_groups = sum(1 for k in state if k.endswith(".initial_lr"))
+        if saved_groups != len(self.param_groups):
+            raise ValueError(f"optimizer state has {saved_groups} parameter groups, this optimizer {len(self.param_groups)}")
+        params = {self._key(index): p for index, _, p in self._indexed()}
+        index_of = {self._key(index): index for index, _, _ in self._indexed()}
+        problems, restored = [], {}
+        for entry, value in state.items():
+            if not entry.startswith("state."):
+                continue
+            key, field = entry[len("state."):].rsplit(".", 1)
+            if key not in params:
+                problems.append(f"{key}: in the saved state, not among this optimizer's parameters")
+            elif np.ndim(value) == 0:  # a counter (Adam's t): a host number, read once here, not each step
+                restored.setdefault(index_of[key], {})[field] = backend.as_numpy(value).item()
+            elif tuple(np.shape(value)) != params[key].shape:
+                problems.append(f"{key}.{field}: saved shape {tuple(np.shape(value))}, parameter shape {params[key].shape}")
+            else:                      # a buffer: straight onto the parameter's device, never shared
+                restored.setdefault(index_of[key], {})[field] = backend.to_device(value, params[key].device, copy=True)
+        if problems:
+            raise ValueError(f"optimizer state does not fit this optimizer ({len(problems)} problems): "
+                             + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+        self.state, self.steps = restored, int(state["steps"])
         for i, group in enumerate(self.param_groups):
             group["lr"] = float(state[f"group{i}.lr"])
             group["initial_lr"] = float(state[f"group{i}.initial_lr"])
-        params = {index: p for index, _, p in self._indexed()}
-        self.state = {}
-        for name, value in state.items():
-            if name.startswith("state."):
-                _, index, key = name.split(".", 2)
-                index = int(index)
-                if index not in params:
-                    raise KeyError(f"optimizer state for parameter {index}, but the optimizer has {len(params)}")
-                if np.ndim(value) == 0:  # a counter (Adam's t): a host number, read once here, not each step
-                    value = backend.as_numpy(value).item()
-                else:                    # a buffer: straight onto the parameter's device, never shared
-                    value = backend.to_device(value, params[index].device, copy=True)
-                self.state.setdefault(index, {})[key] = value
 
 
 class SGD(Optimizer):
@@ -173,7 +196,9 @@ class PolyLR:
 def encoder_decoder_groups(model, lr: float, encoder_lr: Optional[float] = None, weight_decay: float = 0.0):
     """Two parameter groups: ``model.encoders()`` at ``encoder_lr`` (default lr/10), the rest at ``lr``."""
     encoder_ids = {id(p) for encoder in model.encoders() for p in encoder.parameters()}
-    encoder = [p for p in model.parameters() if id(p) in encoder_ids]
-    decoder = [p for p in model.parameters() if id(p) not in encoder_ids]
-    return [{"params": encoder, "lr": encoder_lr if encoder_lr is not None else lr / 10, "weight_decay": weight_decay},
-            {"params": decoder, "lr": lr, "weight_decay": weight_decay}]
+    named = list(model.named_parameters())  # names key the optimizer's saved state (checked on resume)
+    encoder = [(n, p) for n, p in named if id(p) in encoder_ids]
+    decoder = [(n, p) for n, p in named if id(p) not in encoder_ids]
+    return [{"params": [p for _, p in encoder], "names": [n for n, _ in encoder],
+             "lr": encoder_lr if encoder_lr is not None else lr / 10, "weight_decay": weight_decay},
+            {"params": [p for _, p in decoder], "names": [n for n, _ in decoder], "lr": lr, "weight_decay": weight_decay}]

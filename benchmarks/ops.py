@@ -3,6 +3,11 @@
     python benchmarks/ops.py                 # NumPy vs torch CPU
     python benchmarks/ops.py --device cuda   # CuPy vs torch CUDA
     python benchmarks/ops.py --repeat 5 --only conv
+    python benchmarks/ops.py --only conv3x3 --sweep --json notebooks/data/fast_convolution_benchmark.json
+
+3x3 convolutions get one row per algorithm (--algorithms: im2col, winograd = F(2x2,3x3), winograd4 =
+F(4x4,3x3), auto = what F.conv2d picks); --sweep adds the grid of channels x map sizes that
+``winograd.choose_algorithm`` was decided from (tinyrefine only); --json writes every number, with the load average.
 
 Prints one row per shape: median milliseconds for each library and the ratio
 tinyrefine / torch (below 1.0 means tinyrefine is faster). float32.
@@ -10,6 +15,7 @@ tinyrefine / torch (below 1.0 means tinyrefine is faster). float32.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -56,7 +62,7 @@ def median_ms(step, sync, repeat: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def tinyrefine_step(kind, x_np, extra, device):
+def tinyrefine_step(kind, x_np, extra, device, algorithm: str = "auto"):
     x = tr.Tensor(x_np, requires_grad=True).to(device)
     x.requires_grad = True
     if kind == "conv":
@@ -64,7 +70,7 @@ def tinyrefine_step(kind, x_np, extra, device):
         w = tr.Tensor(rng.standard_normal((extra["c_out"], x_np.shape[1], extra["k"], extra["k"]), dtype=np.float32) * 0.01,
                       requires_grad=True).to(device)
         w.requires_grad = True
-        fn = lambda: F.conv2d(x, w, padding=extra["padding"])  # noqa: E731
+        fn = lambda: F.conv2d(x, w, padding=extra["padding"], algorithm=algorithm)  # noqa: E731
     elif kind == "maxpool":
         fn = lambda: F.max_pool2d(x, 5, 1, 2)  # noqa: E731
     else:
@@ -105,12 +111,39 @@ def torch_step(kind, x_np, extra, device):
     return step
 
 
+SWEEP_CHANNELS, SWEEP_SIZES = (32, 64, 128, 256, 512), (10, 20, 40, 80, 160)
+
+
+def winograd_sweep(device: str, repeat: int) -> list:
+    """3x3 stride-1 pad-1 conv fwd+bwd, batch 2, C -> C: im2col against both Winograd tiles (the auto rule's data)."""
+    print(f"\nWinograd sweep (tinyrefine only, batch 2, C -> C, 3x3 pad 1), median of {repeat} ms; ratio = winograd / im2col")
+    print(f"{'C':>5s} {'HxW':>5s} {'im2col':>9s} {'winograd':>9s} {'winograd4':>10s} {'w2/i2c':>7s} {'w4/i2c':>7s}")
+    rows = []
+    for c in SWEEP_CHANNELS:
+        for size in SWEEP_SIZES:
+            if c * size * size > 256 * 80 * 80:  # larger than any RefineNet decoder map we train on: skipped
+                continue
+            x_np = np.random.default_rng(0).standard_normal((2, c, size, size), dtype=np.float32)
+            extra = dict(c_out=c, k=3, padding=1)
+            ms = {a: median_ms(tinyrefine_step("conv", x_np, extra, device, a), lambda: _sync(device), repeat)
+                  for a in ("im2col", "winograd", "winograd4")}
+            rows.append(dict(channels=c, size=size, **{f"{a}_ms": v for a, v in ms.items()}))
+            print(f"{c:5d} {size:5d} {ms['im2col']:9.1f} {ms['winograd']:9.1f} {ms['winograd4']:10.1f} "
+                  f"{ms['winograd'] / ms['im2col']:6.2f}x {ms['winograd4'] / ms['im2col']:6.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--algorithms", default="im2col,winograd,winograd4,auto",
+                        help="conv2d algorithms timed on the 3x3 cases (others run 'auto')")
+    parser.add_argument("--sweep", action="store_true", help="also time the Winograd-vs-im2col grid")
+    parser.add_argument("--json", default="", help="write the results (and the load average) to this file")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     try:
         import torch
         torch_ok = True
@@ -122,17 +155,31 @@ def main() -> None:
         torch_ok, missing = False, f"{torch.__version__} without CUDA (not run)"
     print(f"device={args.device}  numpy {np.__version__}  torch {'%s (%d threads)' % (torch.__version__, threads) if torch_ok else missing}"
           f"  median of {args.repeat}, forward+backward, float32")
-    print(f"{'case':30s} {'tinyrefine ms':>14s} {'torch ms':>10s} {'ratio':>7s}")
+    print(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} on {os.cpu_count()} cores")
+    print(f"{'case':30s} {'algorithm':>10s} {'tinyrefine ms':>14s} {'torch ms':>10s} {'ratio':>7s}")
+    rows = []
     for name, kind, shape, extra in CASES:
         if args.only and args.only not in name and args.only not in kind:
             continue
         x_np = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        ours = median_ms(tinyrefine_step(kind, x_np, extra, args.device), lambda: _sync(args.device), args.repeat)
-        if torch_ok:
-            theirs = median_ms(torch_step(kind, x_np, extra, args.device), lambda: _torch_sync(args.device), args.repeat)
-            print(f"{name:30s} {ours:14.1f} {theirs:10.1f} {ours / theirs:6.2f}x")
-        else:
-            print(f"{name:30s} {ours:14.1f} {'-':>10s} {'-':>7s}")
+        theirs = median_ms(torch_step(kind, x_np, extra, args.device), lambda: _torch_sync(args.device),
+                           args.repeat) if torch_ok else None
+        for algorithm in (args.algorithms.split(",") if kind == "conv" and extra["k"] == 3 else ["auto"]):
+            ours = median_ms(tinyrefine_step(kind, x_np, extra, args.device, algorithm), lambda: _sync(args.device),
+                             args.repeat)
+            ratio = f"{ours / theirs:6.2f}x" if theirs else "      -"
+            print(f"{name:30s} {algorithm:>10s} {ours:14.1f} {theirs or float('nan'):10.1f} {ratio}", flush=True)
+            rows.append(dict(case=name, algorithm=algorithm, ms=ours, torch_ms=theirs))
+    sweep = winograd_sweep(args.device, args.repeat) if args.sweep else []
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, numpy=np.__version__, torch=torch.__version__ if torch_ok else None,
+                           torch_threads=threads, repeat=args.repeat, cores=os.cpu_count(), load_before=load_before,
+                           load_after=load_after, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           rows=rows, sweep=sweep), f, indent=1)
+        print("wrote", args.json)
 
 
 if __name__ == "__main__":

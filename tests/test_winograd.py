@@ -181,3 +181,20 @@ def test_cuda_path_equals_numpy(algorithm, dtype, tol):
     for a, g in zip(cpu, gpu):
         assert isinstance(g.grad, cp.ndarray) and g.grad.dtype == dtype
         assert rel_err(cp.asnumpy(g.grad), a.grad) < tol
+
+
+# --------------------------------------------------------------------------- notebook 12's checks
+def test_exercise_checks_accept_the_transforms_and_name_the_mistakes(capsys):
+    from tinyrefine.exercises import check_winograd_f23, check_winograd_tile
+    A_T, G, B_T = winograd.winograd_matrices(2)
+    assert check_winograd_f23(lambda d, g: A_T @ ((G @ g) * (B_T @ d)))
+    assert not check_winograd_f23(lambda d, g: A_T @ ((G @ g[::-1]) * (B_T @ d)))
+    assert "convolution (the filter flipped)" in capsys.readouterr().out
+
+    def stub(d, g):
+        raise NotImplementedError
+    assert not check_winograd_f23(stub)
+    assert "not attempted yet" in capsys.readouterr().out
+    assert check_winograd_tile(lambda d, g: A_T @ ((G @ g @ G.T) * (B_T @ d @ B_T.T)) @ A_T.T)
+    assert not check_winograd_tile(lambda d, g: (A_T @ ((G @ g @ G.T) * (B_T @ d @ B_T.T)) @ A_T.T).T)
+    assert "transposed" in capsys.readouterr().out

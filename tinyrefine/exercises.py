@@ -452,3 +452,55 @@ def check_fold_bn(fold_bn) -> bool:
                  "conv with the folded weights", hint)
 
     return _report("fold_bn", [("conv 3 -> 4, 3x3", run)])
+
+
+# --------------------------------------------------------------------------- 12: fast convolution (Winograd)
+def _correlate(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Direct 'valid' correlation y[j] = sum_k g[k] d[j + k] (1-D or 2-D), the definition the checks compare with."""
+    if d.ndim == 1:
+        return np.array([g @ d[j:j + len(g)] for j in range(len(d) - len(g) + 1)])
+    k = g.shape[0]
+    return np.array([[np.sum(g * d[i:i + k, j:j + k]) for j in range(d.shape[1] - k + 1)] for i in range(d.shape[0] - k + 1)])
+
+
+def check_winograd_f23(f23) -> bool:
+    """Notebook 12: ``f23(d, g)`` -> the 2 outputs of the 3-tap correlation of the 4 inputs ``d`` with ``g``,
+    computed by the transforms y = A^T [(G g) * (B^T d)] (4 multiplications instead of 6)."""
+    rng = np.random.default_rng(12)
+
+    def case(d, g):
+        def run():
+            expected = _correlate(d, g)
+
+            def hint(got, exp):
+                if np.allclose(got, _correlate(d, g[::-1])):
+                    return "that is a convolution (the filter flipped): the layer correlates, y[j] = sum_k g[k] d[j+k]"
+                if np.allclose(got, -exp):
+                    return "the sign is flipped: check the signs of one row of G or B^T against its partner"
+                return "y = A^T @ ((G @ g) * (B^T @ d)): G has 4 rows, B^T is 4 x 4, A^T is 2 x 4"
+            _compare(f23(d.copy(), g.copy()), expected, "F(2,3) output", hint)
+        return run
+
+    d, g = rng.standard_normal(4), rng.standard_normal(3)
+    return _report("winograd_f23", [("random d, g", case(d, g)), ("ramp d, asymmetric g", case(np.arange(1.0, 5.0),
+                                                                                                np.array([1.0, -2.0, 0.5])))])
+
+
+def check_winograd_tile(tile_2d) -> bool:
+    """Notebook 12: ``tile_2d(d, g)`` -> the 2x2 output tile of a 4x4 input tile ``d`` and a 3x3 filter ``g``,
+    by the nested transforms Y = A^T [(G g G^T) * (B^T d B)] A."""
+    rng = np.random.default_rng(13)
+
+    def run():
+        d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+        expected = _correlate(d, g)
+
+        def hint(got, exp):
+            if np.allclose(got, exp.T):
+                return "the output is transposed: Y = A^T M A, with M = U * V (rows of d along the first axis)"
+            if np.allclose(got, _correlate(d, g.T)):
+                return "the filter is transposed: U = G g G^T (not G g^T G^T)"
+            return "U = G g G^T (4x4), V = B^T d B (4x4), Y = A^T (U * V) A (2x2)"
+        _compare(tile_2d(d.copy(), g.copy()), expected, "F(2x2,3x3) tile", hint)
+
+    return _report("winograd_tile", [("4x4 tile, 3x3 filter", run)])

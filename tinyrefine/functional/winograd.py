@@ -44,7 +44,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..engine import Function
-from .common import IntPair, _out_size, _pair
+from .common import IntPair, _out_size, _pair, over_planes, scratch
 
 TILE_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, 2, -2)}  # F(2,3): Lavin & Gray; F(4,3): Lavin & Gray's points
 
@@ -103,28 +103,64 @@ def _tiles_of(m: int, out_hw: Tuple[int, int]) -> Tuple[int, int]:
     return -(-out_hw[0] // m), -(-out_hw[1] // m)                      # ceil: the last tile may overhang
 
 
+def _buffer(xp, role: str, shape: tuple, dtype):
+    """Short-lived work array: a reused scratch buffer on the CPU (no page faults), a fresh one on CUDA."""
+    return scratch("winograd." + role, shape, dtype) if xp is np else xp.empty(shape, dtype=dtype)
+
+
+def _over_channels(xp, n_channels: int, work, size_per_channel: int) -> None:
+    """work(c0, c1) over channel ranges: on all cores for NumPy (strided copies run on one core), one call on CUDA."""
+    if xp is np:
+        over_planes(n_channels, work, size_per_channel)
+    else:
+        work(0, n_channels)
+
+
 def _input_tiles(x, m: int, padding: Tuple[int, int], tiles_hw: Tuple[int, int]):
     """d[u, v, c, n, i, j] = xpad[n, c, i*m + u, j*m + v] -> (a, a, C, N, th, tw); xpad zero beyond x."""
     xp = get_array_module(x)
     N, C, H, W = x.shape
     (th, tw), (ph, pw), a = tiles_hw, padding, m + 2
-    xpad = xp.zeros((N, C, th * m + 2, tw * m + 2), dtype=x.dtype)     # covers every tile, overhang included
-    xpad[:, :, ph:ph + H, pw:pw + W] = x
-    tiles = xp.empty((a, a, C, N, th, tw), dtype=x.dtype)
-    for u in range(a):
-        for v in range(a):  # a² strided copies, as im2col makes kh*kw
-            tiles[u, v] = xpad[:, :, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m].transpose(1, 0, 2, 3)
+    xpad = _buffer(xp, "xpad", (N, C, th * m + 2, tw * m + 2), x.dtype)  # covers every tile, overhang included
+    tiles = _buffer(xp, "tiles", (a, a, C, N, th, tw), x.dtype)
+
+    def gather(c0: int, c1: int) -> None:
+        xpad[:, c0:c1] = 0
+        xpad[:, c0:c1, ph:ph + H, pw:pw + W] = x[:, c0:c1]
+        for u in range(a):
+            for v in range(a):  # a² strided copies, as im2col makes kh*kw
+                tiles[u, v, c0:c1] = xpad[:, c0:c1, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m].transpose(1, 0, 2, 3)
+    _over_channels(xp, C, gather, a * a * N * th * tw)
     return tiles
 
 
-def _per_position_gemm(left, right, transpose_left: bool = False, transpose_right: bool = False):
+def _add_tiles(gD, x_shape: tuple, m: int, padding: Tuple[int, int]):
+    """The adjoint of _input_tiles: dx[n, c, h, w] = sum of the tile entries gD[u, v, c, n, i, j] that copied it."""
+    xp = get_array_module(gD)
+    N, C, H, W = x_shape
+    a, th, tw = gD.shape[0], gD.shape[4], gD.shape[5]
+    (ph, pw) = padding
+    gxpad = _buffer(xp, "xpad", (N, C, th * m + 2, tw * m + 2), gD.dtype)
+    gx = xp.empty(x_shape, dtype=gD.dtype)
+
+    def scatter(c0: int, c1: int) -> None:
+        gxpad[:, c0:c1] = 0
+        for u in range(a):
+            for v in range(a):  # overlapping tiles add up: strided adds, no atomics
+                gxpad[:, c0:c1, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m] += gD[u, v, c0:c1].transpose(1, 0, 2, 3)
+        gx[:, c0:c1] = gxpad[:, c0:c1, ph:ph + H, pw:pw + W]
+    _over_channels(xp, C, scatter, a * a * N * th * tw)
+    return gx
+
+
+def _per_position_gemm(left, right, out, transpose_left: bool = False, transpose_right: bool = False):
     """out[k] = op(left[k]) @ op(right[k]) for each of the a² tile positions k."""
     xp = get_array_module(left)
     left = left.transpose(0, 2, 1) if transpose_left else left
     right = right.transpose(0, 2, 1) if transpose_right else right
     if xp is not np:
-        return xp.matmul(left, right)                                   # one batched GEMM
-    out = np.empty((left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype)
+        xp.matmul(left, right, out=out)                                 # one batched GEMM
+        return out
     for k in range(left.shape[0]):  # one BLAS call each (numpy's stacked matmul is slower here)
         np.matmul(left[k], right[k], out=out[k])
     return out
@@ -142,10 +178,12 @@ class Conv2dWinogradFunction(Function):
             raise ValueError(f"Winograd tile must be one of {sorted(TILE_POINTS)} (F(2x2,3x3) or F(4x4,3x3)), got {tile!r}")
         self.padding, self.m = _pair(padding, "padding", 0), tile
 
-    def _transformed_input(self, x, KB):  # V (a², C, N*th*tw)
-        a2 = KB.shape[0]
+    def _transformed_input(self, x, KB):  # V (a², C, N*th*tw), in a scratch buffer on the CPU
+        xp, a2 = get_array_module(x), KB.shape[0]
         tiles = _input_tiles(x, self.m, self.padding, self.tiles_hw)
-        return (KB @ tiles.reshape(a2, -1)).reshape(a2, x.shape[1], -1)
+        V = _buffer(xp, "V", (a2, x.shape[1], tiles[0, 0, 0].size), x.dtype)
+        xp.matmul(KB, tiles.reshape(a2, -1), out=V.reshape(a2, -1))
+        return V
 
     def _transformed_filter(self, w, KG):  # U (a², O, C)
         O, C = w.shape[:2]
@@ -158,10 +196,11 @@ class Conv2dWinogradFunction(Function):
         self.out_hw = tuple(_out_size(x.shape[2 + i], 3, 1, self.padding[i]) for i in (0, 1))
         self.tiles_hw = th, tw = _tiles_of(m, self.out_hw)
         KB, KG, KA = transform_tables(m, x.dtype, backend.device_of(x))
-        M = _per_position_gemm(self._transformed_filter(w, KG), self._transformed_input(x, KB))  # (a², O, N*th*tw)
+        V = self._transformed_input(x, KB)                              # (a², C, N*th*tw)
+        M = _per_position_gemm(self._transformed_filter(w, KG), V, _buffer(xp, "M", (V.shape[0], O, V.shape[2]), x.dtype))
         Y = (KA @ M.reshape(M.shape[0], -1)).reshape(m, m, O, N, th, tw)
-        Ho, Wo = self.out_hw
         Y = Y.transpose(3, 2, 4, 0, 5, 1)                                   # (N, O, th, m, tw, m)
+        Ho, Wo = self.out_hw
         y = xp.empty((N, O, Ho, Wo), dtype=x.dtype)
         if (Ho, Wo) == (th * m, tw * m):
             y.reshape(Y.shape)[...] = Y                                     # one copy into a view of y
@@ -174,32 +213,29 @@ class Conv2dWinogradFunction(Function):
     def backward(self, gy):
         x, w, m = self.x, self.w, self.m
         xp = get_array_module(gy)
-        (N, C, H, W), O = x.shape, w.shape[0]
-        (th, tw), (Ho, Wo), (ph, pw), a = self.tiles_hw, self.out_hw, self.padding, m + 2
+        O = w.shape[0]
+        (N, C), (th, tw), (Ho, Wo), a = x.shape[:2], self.tiles_hw, self.out_hw, m + 2
         KB, KG, KA = transform_tables(m, gy.dtype, backend.device_of(gy))
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
         if (Ho, Wo) != (th * m, tw * m):                                    # zero where the last tiles overhang
             gy_full = xp.zeros((N, O, th * m, tw * m), dtype=gy.dtype)
             gy_full[:, :, :Ho, :Wo] = gy
             gy = gy_full
-        gy_tiles = xp.ascontiguousarray(gy.reshape(N, O, th, m, tw, m).transpose(3, 5, 1, 0, 2, 4))  # (m, m, O, N, th, tw)
-        gM = (KA.T @ gy_tiles.reshape(m * m, -1)).reshape(a * a, O, -1)  # (a², O, N*th*tw)
+        gy_tiles = _buffer(xp, "gy", (m, m, O, N, th, tw), gy.dtype)
+        gy_tiles[...] = gy.reshape(N, O, th, m, tw, m).transpose(3, 5, 1, 0, 2, 4)
+        gM = _buffer(xp, "M", (a * a, O, N * th * tw), gy.dtype)
+        xp.matmul(KA.T, gy_tiles.reshape(m * m, -1), out=gM.reshape(a * a, -1))
         V = self._transformed_input(x, KB)                                # recomputed (see module docstring)
         gw = gx = None
         if self.needs_input_grad[1]:
-            gU = _per_position_gemm(gM, V, transpose_right=True)         # (a², O, C): sum over tiles
+            gU = _per_position_gemm(gM, V, xp.empty((a * a, O, C), dtype=gy.dtype), transpose_right=True)  # sum over tiles
             gw = (KG.T @ gU.reshape(a * a, -1)).T.reshape(w.shape)
-        del V
         if self.needs_input_grad[0]:
-            gV = _per_position_gemm(self._transformed_filter(w, KG), gM, transpose_left=True)  # (a², C, N*th*tw)
-            gD = (KB.T @ gV.reshape(a * a, -1)).reshape(a, a, C, N, th, tw)
-            gxpad = xp.zeros((N, C, th * m + 2, tw * m + 2), dtype=gy.dtype)
-            for u in range(a):
-                for v in range(a):  # adjoint of the gather: overlapping tiles add up (strided adds, no atomics)
-                    gxpad[:, :, u:u + m * (th - 1) + 1:m, v:v + m * (tw - 1) + 1:m] += gD[u, v].transpose(1, 0, 2, 3)
-            gx = xp.ascontiguousarray(gxpad[:, :, ph:ph + H, pw:pw + W])
+            gV = _per_position_gemm(self._transformed_filter(w, KG), gM, V, transpose_left=True)  # V is dead: reuse it
+            gD = _buffer(xp, "tiles", (a, a, C, N, th, tw), gy.dtype)
+            xp.matmul(KB.T, gV.reshape(a * a, -1), out=gD.reshape(a * a, -1))
+            gx = _add_tiles(gD, x.shape, m, self.padding)
         return (gx, gw, gb) if self.has_bias else (gx, gw)
-
 
 ALGORITHMS = ("auto", "im2col", "winograd", "winograd4")  # winograd: F(2x2,3x3); winograd4: F(4x4,3x3)
 TILE_OF = {"winograd": 2, "winograd4": 4}
@@ -221,4 +257,4 @@ def choose_algorithm(x_shape: tuple, w_shape: tuple, stride: Tuple[int, int], di
     """The rule behind ``algorithm='auto'`` (measured, see below); im2col wherever Winograd does not apply."""
     if winograd_refusal(w_shape, stride, dilation) is not None or device != "cpu":
         return "im2col"
-    return "im2col"  # placeholder until the benchmark table decides
+    return "winograd4" if min(x_shape[1], w_shape[0]) >= 64 else "im2col"

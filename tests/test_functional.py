@@ -458,8 +458,11 @@ def test_dropout_eval_and_zero_probability_are_identity():
 
 
 def test_threaded_plane_split_matches_single_thread(monkeypatch):
-    """Shapes large enough to be split over cores give exactly the one-core result."""
-    import os
+    """Shapes large enough to be split over cores give exactly the one-core result
+    (BLAS held at one thread: on two it may sum in another order)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from tinyrefine import threads
+    monkeypatch.setattr(threads, "_set_blas_threads", lambda n: None)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 24, 80, 72)).astype(np.float32)
     w = rng.standard_normal((8, 24, 3, 3)).astype(np.float32)
@@ -471,8 +474,10 @@ def test_threaded_plane_split_matches_single_thread(monkeypatch):
         y.backward(np.ones(y.shape, np.float32))
         return y.data, xt.grad, wt.grad, z.data
 
-    threaded = run()
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    single = run()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        with tr.num_threads(2):
+            threaded = run()
+        with tr.num_threads(1):
+            single = run()
     for a, b in zip(threaded, single):
         np.testing.assert_array_equal(a, b)

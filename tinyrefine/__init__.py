@@ -7,11 +7,12 @@ from . import backend, functional
 from .backend import cuda_available, get_array_module
 from .engine import Function, Tensor, as_tensor, is_grad_enabled, no_grad
 from .gradcheck import gradcheck
+from .threads import get_num_threads, num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = ["Function", "Tensor", "as_tensor", "backend", "cuda_available", "functional", "get_array_module",
-           "gradcheck", "is_grad_enabled", "no_grad", "tensor"]
+           "get_num_threads", "gradcheck", "is_grad_enabled", "no_grad", "num_threads", "set_num_threads", "tensor"]
 
 
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:

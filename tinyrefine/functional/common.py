@@ -1,37 +1,41 @@
 """What the kernels share: argument checks, output sizes, the thread pool over planes, scratch buffers."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Tuple, Union
 
 import numpy as np
 
+from .. import threads
 from ..engine import Tensor
 
 IntPair = Union[int, Tuple[int, int]]
 
 
-_plane_pool = None
+_plane_pool = None   # (threads, ThreadPoolExecutor), remade when the thread count changes
 
 
 def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) -> None:
-    """Run ``work(a, b)`` over plane ranges covering [0, n_planes), on all cores.
+    """Run ``work(a, b)`` over plane ranges covering [0, n_planes), on ``threads.get_num_threads()`` threads.
 
     NumPy runs an elementwise loop on one core (torch uses them all); numpy's loops
     release the GIL, so threads over disjoint planes scale, and smaller chunks stay in cache.
     Small jobs (under ~1M values) run inline: there the threads cost more than they save.
+    BLAS is held at 1 thread meanwhile, so ``work`` may call it without oversubscribing.
     """
     global _plane_pool
-    cores = os.cpu_count() or 1
-    if cores == 1 or n_planes < 2 or n_planes * plane_size < (1 << 20):
+    n_threads = threads.get_num_threads()
+    if n_threads == 1 or n_planes < 2 or n_planes * plane_size < (1 << 20):
         work(0, n_planes)
         return
-    if _plane_pool is None:
-        _plane_pool = ThreadPoolExecutor(cores, thread_name_prefix="tinyrefine")
-    bounds = np.linspace(0, n_planes, min(n_planes, cores * chunks_per_core) + 1).astype(int)
-    for future in [_plane_pool.submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-        future.result()  # re-raises a worker's exception here
+    if _plane_pool is None or _plane_pool[0] != n_threads:
+        if _plane_pool is not None:
+            _plane_pool[1].shutdown(wait=False)
+        _plane_pool = (n_threads, ThreadPoolExecutor(n_threads, thread_name_prefix="tinyrefine"))
+    bounds = np.linspace(0, n_planes, min(n_planes, n_threads * chunks_per_core) + 1).astype(int)
+    with threads.blas_single_threaded():
+        for future in [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+            future.result()  # re-raises a worker's exception here
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import backend
+from .. import backend, threads
 from ..backend import get_array_module
 from ..engine import Function, Tensor, as_tensor
 from .common import IntPair, _check_input, _out_size, _pair, over_planes, scratch
@@ -169,6 +169,8 @@ class Conv2dFunction(Function):
         self.x, self.w, self.w_shape, self.has_bias = x, w, w.shape, b is not None
         self.out_hw = x.shape[2:]
         xp = get_array_module(x)
+        if xp is np:
+            threads.get_num_threads()  # BLAS follows the thread count in effect (re-checked every few seconds)
         cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
         w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
         y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)

@@ -1,0 +1,181 @@
+"""Training steps alone and beside a busy process: tinyrefine's thread settings against torch's, in one run.
+
+    python benchmarks/contention.py                          # demo step and R50 step, quiet and busy
+    python benchmarks/contention.py --cases demo --steps 10
+    python benchmarks/contention.py --compare /tmp/tinyrefine-old   # also an older checkout, same run
+
+Issue 13: on a 2-core laptop with a browser busy on one core, BLAS and the plane pool at 2 threads each
+ran the demo step 5.6x slower than one thread. Cases (float32, random data, SGD momentum 0.9):
+  demo: the README demo's network (ResNet-18 width 16, decoder 32, n_crp 2, BN trained), batch 8, 64x64
+  r50:  benchmarks/train_step.py's RefineNet-ResNet-50 (n_crp 4, frozen BN), batch 2, --r50-size
+Loads: "alone" (whatever else runs on the machine: the load average is printed) and "busy" (plus one
+process spinning a core, as `python -c "while True: pass"`). Settings: tinyrefine automatic (the
+library's default), tinyrefine with 1 and 2 threads (set_num_threads), torch's default threads and torch
+with 1 thread. Each (case, load, setting) runs in its own process; time per step is the median over
+--steps steps after one warm-up step, CPU s/step this process's CPU time per step (all its threads).
+Ratios compare settings measured under the same load in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+
+DEMO = dict(num_classes=4, encoder="resnet18", encoder_width=16, features=32, n_crp=2, cascade=4, freeze_bn=False)
+R50 = dict(num_classes=21, encoder="resnet50", n_crp=4, cascade=4, freeze_bn=True)   # train_step.py's CONFIG
+LR, MOMENTUM = 1e-3, 0.9
+SETTINGS = ["tinyrefine auto", "tinyrefine 1", "tinyrefine 2", "torch default", "torch 1"]
+
+
+def case_shape(case: str, r50_size: int):
+    """(model config, batch, crop)"""
+    return (DEMO, 8, 64) if case == "demo" else (R50, 2, r50_size)
+
+
+def make_batch(batch: int, size: int, classes: int):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    target = rng.integers(0, classes, (batch, size, size)).astype(np.int64)
+    return images, target
+
+
+# --------------------------------------------------------------------------- workers
+def tinyrefine_step(config: dict, images, target, threads: str):
+    import tinyrefine as tr
+    import tinyrefine.functional as F
+    from tinyrefine.models import RefineNet
+    from tinyrefine.optim import SGD
+
+    if threads != "auto":
+        if hasattr(tr, "set_num_threads"):
+            tr.set_num_threads(int(threads))
+        # an older checkout without set_num_threads: the driver set OPENBLAS_NUM_THREADS
+    model = RefineNet(**config).train()
+    optimizer = SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    x = tr.Tensor(images)
+
+    def step() -> float:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), target, ignore_index=255)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def threads_used() -> str:
+        return str(tr.get_num_threads()) if hasattr(tr, "get_num_threads") else "?"
+    return step, threads_used
+
+
+def torch_step(config: dict, images, target, threads: str):
+    import torch
+    from tinyrefine.interop.torch_twin import TorchRefineNet
+
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+    model = TorchRefineNet(**config).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    x, t = torch.from_numpy(images), torch.from_numpy(target)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), t, ignore_index=255)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    return step, lambda: str(torch.get_num_threads())
+
+
+def worker(args) -> dict:
+    config, batch, size = case_shape(args.case, args.r50_size)
+    images, target = make_batch(batch, size, config["num_classes"])
+    framework, threads = args.worker.rsplit(" ", 1)
+    build = torch_step if framework == "torch" else tinyrefine_step
+    step, threads_used = build(config, images, target, threads)
+    walls, cpus = [], []
+    for i in range(args.steps + 1):                       # step 0 is the warm-up
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        if i:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return {"s": statistics.median(walls), "cpu": statistics.median(cpus), "threads": threads_used()}
+
+
+# --------------------------------------------------------------------------- driver
+def spawn(args, case: str, setting: str, root: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    framework, threads = setting.rsplit(" ", 1)
+    if framework != "torch" and threads != "auto" and not os.path.exists(os.path.join(root, "tinyrefine", "threads.py")):
+        env["OPENBLAS_NUM_THREADS"] = threads               # an older checkout: only BLAS can be limited
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", setting, "--case", case,
+           "--steps", str(args.steps), "--r50-size", str(args.r50_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=["demo", "r50"], default=["demo", "r50"])
+    parser.add_argument("--loads", nargs="+", choices=["alone", "busy"], default=["alone", "busy"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default: demo 10, r50 2)")
+    parser.add_argument("--r50-size", type=int, default=256)
+    parser.add_argument("--compare", metavar="PATH", help="also run this older tinyrefine checkout (auto and 1 thread)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    roots = {setting: ROOT for setting in SETTINGS}
+    if args.compare:
+        roots.update({"old auto": args.compare, "old 1": args.compare})
+    steps_given = args.steps
+    print(f"{os.cpu_count()} cores, python {sys.version.split()[0]}, load average at start {load_average()}")
+    print(f"{'case':<5} {'load':<5} {'setting':<16} {'threads':>7} {'s/step':>7} {'CPU s/step':>10} "
+          f"{'/torch default':>14} {'/best fixed tinyrefine':>22}  load average after")
+    for case in args.cases:
+        args.steps = steps_given or (10 if case == "demo" else 2)
+        for load in args.loads:
+            spinner = None
+            if load == "busy":
+                spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                time.sleep(1.0)
+            try:
+                results = {}
+                for setting, root in roots.items():
+                    results[setting] = spawn(args, case, setting, os.path.abspath(root))
+                    results[setting]["load"] = load_average()
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+            torch_s = results["torch default"].get("s")
+            fixed = [results[s]["s"] for s in ("tinyrefine 1", "tinyrefine 2") if "s" in results[s]]
+            for setting, r in results.items():
+                if "error" in r:
+                    print(f"{case:<5} {load:<5} {setting:<16} failed: {r['error']}", flush=True)
+                    continue
+                vs_torch = f"{r['s'] / torch_s:.2f}x" if torch_s else "-"
+                vs_best = f"{r['s'] / min(fixed):.2f}x" if fixed and setting.startswith(("tinyrefine", "old")) else ""
+                print(f"{case:<5} {load:<5} {setting:<16} {r['threads']:>7} {r['s']:>7.3f} {r['cpu']:>10.3f} "
+                      f"{vs_torch:>14} {vs_best:>22}  {r['load']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -40,6 +40,19 @@ def test_cli_train_resume_evaluate_predict(tmp_path, data_root, capsys, name, ki
     assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--eval-size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed
+    # evaluation reads only the split it scores: a folder with just test.txt (CamVid's official split name)
+    only = tmp_path / "only-one-split"
+    split_dir = only / ("ImageSets/Segmentation" if kind == "voc" else "splits")
+    split_dir.mkdir(parents=True)
+    for folder in (("JPEGImages", "SegmentationClass") if kind == "voc" else ("images", "labels")):
+        (only / folder).symlink_to(root / folder)
+    val_ids = (root / ("ImageSets/Segmentation" if kind == "voc" else "splits") / "val.txt").read_text().split()[:2]
+    (split_dir / "test.txt").write_text("\n".join(val_ids) + "\n")
+    assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--data", f"{kind}:{only}",
+                     "--split", "test", "--eval-size", "64"]) == 0       # old: asked for train.txt
+    assert "test mIoU" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--data", f"{kind}:{only}"]) != 0
+    assert "val.txt (splits there: test)" in capsys.readouterr().err
     image = sorted((root / ("JPEGImages" if kind == "voc" else "images")).glob("*.jpg"))[0]
     assert cli.main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(image), "--out",
                      str(tmp_path / "pred"), "--flip", "--scales", "0.75,1"]) == 0

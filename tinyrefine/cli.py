@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--data", default=None, help="shapes[:SIZE] | voc:PATH | camvid:PATH (default: the training data)")
             p.add_argument("--eval-size", type=int, default=None)
-            p.add_argument("--split", default="val", choices=["train", "val"],
-                           help="which split to score (train: does the model fit what it saw?)")
+            p.add_argument("--split", default="val",
+                           help="which split file to score: val, train (does the model fit what it saw?), "
+                                "trainval, test (CamVid), ...; only that split's file is read")
         else:
             p.add_argument("images", nargs="+", help="image files")
             p.add_argument("--out", default="predictions")
@@ -166,8 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         config = T.TrainConfig(**{**meta["config"], "pretrained": None})
         if args.data:
             config.data = args.data
-        train_set, val_set, num_classes = T.build_datasets(config)
-        dataset = train_set if args.split == "train" else val_set
+        dataset, num_classes = T.build_dataset(config.data, args.split, config.seed)
         metrics = T.evaluate(model, dataset, num_classes, args.scales, args.flip, args.device,
                              eval_size=args.eval_size, progress=True)
         print(json.dumps(metrics, indent=1))

@@ -76,22 +76,30 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- data
-def build_datasets(config: TrainConfig):
-    """(train set, val set, number of classes) from ``config.data``."""
-    kind, _, path = config.data.partition(":")
+def build_dataset(data: str, split: str, seed: int = 0, subset: Optional[int] = None):
+    """(the ``split`` of ``data``, number of classes): only that split's file is needed.
+
+    ``data`` is shapes[:SIZE], voc:PATH or camvid:PATH; ``split`` any split file the folder has
+    (VOC: train, val, trainval; CamVid: train, val, test), train or val for Shapes."""
+    kind, _, path = data.partition(":")
     if kind == "shapes":  # "shapes" or "shapes:SIZE" (image side in pixels, 64 by default)
         if path and not path.isdigit():
-            raise ValueError(f"--data shapes:SIZE needs a whole number of pixels, got {config.data!r}")
-        size = int(path) if path else 64
-        train, val = Shapes("train", size=size, seed=config.seed), Shapes("val", size=size, seed=config.seed)
+            raise ValueError(f"--data shapes:SIZE needs a whole number of pixels, got {data!r}")
+        dataset = Shapes(split, size=int(path) if path else 64, seed=seed)
     elif kind == "voc":
-        train = VOCSegmentation(path, "train", subset=config.subset)
-        val = VOCSegmentation(path, "val")
+        dataset = VOCSegmentation(path, split, subset=subset)
     elif kind == "camvid":
-        train, val = CamVid(path, "train", subset=config.subset), CamVid(path, "val")
+        dataset = CamVid(path, split, subset=subset)
     else:
-        raise ValueError(f"--data must be shapes[:SIZE], voc:PATH or camvid:PATH, got {config.data!r}")
-    return train, val, train.num_classes
+        raise ValueError(f"--data must be shapes[:SIZE], voc:PATH or camvid:PATH, got {data!r}")
+    return dataset, dataset.num_classes
+
+
+def build_datasets(config: TrainConfig):
+    """(train set, val set, number of classes) from ``config.data`` (subset applies to train only)."""
+    train, num_classes = build_dataset(config.data, "train", config.seed, config.subset)
+    val, _ = build_dataset(config.data, "val", config.seed)
+    return train, val, num_classes
 
 
 MODELS = ("refinenet", "deeplabv3", "fcn")

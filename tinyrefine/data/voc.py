@@ -61,7 +61,9 @@ def read_split(path: PathLike) -> List[str]:
     """Ids from a split file: first word of each non-blank line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
+        present = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"split file not found: {path}"
+                                + (f" (splits there: {', '.join(present)})" if present else ""))
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"split file {path} lists no ids")

@@ -68,6 +68,12 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--zero-init", dest="zero_init_residual", action=argparse.BooleanOptionalAction,
                    default=d["zero_init_residual"],
                    help="start each decoder residual branch at zero (--no-zero-init: torch's default init)")
+    p.add_argument("--dropout", type=float, default=d["dropout"],
+                   help="the official code's dropout (0.5) on encoder outputs over 512 channels and before the classifier")
+    p.add_argument("--classifier-kernel", type=int, default=d["classifier_kernel"], choices=[1, 3],
+                   help="1 (default) or 3 (the official code's classifier)")
+    p.add_argument("--input-scale", type=float, default=d["input_scale"],
+                   help="resize the input by this factor first (the official single-scale model: 1.2)")
     p.add_argument("--pretrained", default=d["pretrained"], help="torchvision ResNet .pth for the encoder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar: a line with the ETA every minute instead")

@@ -217,8 +217,12 @@ class Conv2d(Module):
 
 
 class BatchNorm2d(Module):
-    """Batch normalisation. ``frozen=True`` fixes the statistics and the affine parameters
-    (the paper trains with batch size 1, where batch statistics are meaningless)."""
+    """Batch normalisation. ``frozen=True`` fixes the statistics and the affine parameters.
+
+    Why freeze: the official RefineNet code (MatConvNet, ``main/gen_net_opts_model_type1.m``) trains one image
+    per batch (``batch_size=1``) and normalises with the stored statistics during training too
+    (``bnorm_moment_type_trn='global'``): the statistics of one image's crops are too noisy to use. The batch
+    size is the official code's setting, not a number quoted from the paper. Fixing gamma and beta as well is ours."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, frozen: bool = False) -> None:
         self.weight = Parameter(np.ones(num_features, dtype=np.float32))
@@ -264,6 +268,23 @@ class MaxPool2d(Module):
 class Identity(Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class Dropout(Module):
+    """Inverted dropout (F.dropout) in training mode, the identity in eval mode.
+
+    ``rng``: a numpy Generator for reproducible CPU masks; by default numpy's (CPU) or cupy's (CUDA)."""
+
+    def __init__(self, p: float = 0.5, rng: Optional[np.random.Generator] = None) -> None:
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.rng = p, rng
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, training=self.training, rng=self.rng if x.device == "cpu" else None)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class AvgPool2d(Module):

@@ -69,6 +69,9 @@ class TrainConfig:
     eval_limit: Optional[int] = None     # evaluations during the run score only this many val (and train) images
     pretrained: Optional[str] = None     # torchvision ResNet .pth for the encoder
     zero_init_residual: bool = True      # decoder residual branches start at zero (ours; see RefineNet)
+    dropout: float = 0.0                 # the official code: 0.5 (encoder outputs > 512 channels, before the classifier)
+    classifier_kernel: int = 1           # the official code: 3
+    input_scale: float = 1.0             # the official single-scale model: 1.2
     warmup_iters: int = 100              # linear LR warm-up (Goyal et al. 2017): tames the first Adam steps
     loss: str = "ce"                     # ce | balanced (median-frequency class weights) | ohem (hardest pixels)
     ohem_fraction: float = 0.25          # with loss=ohem: the share of valid pixels kept per batch
@@ -132,7 +135,8 @@ def _build_refinenet(config: TrainConfig, num_classes: int) -> RefineNet:
                      encoder_width=config.encoder_width, two_scale=config.two_scale, shortcuts=config.shortcuts,
                      long_range=config.long_range, crp_relu=config.crp_relu,
                      # without the identities there is no residual branch to zero
-                     zero_init_residual=config.zero_init_residual and config.shortcuts, seed=config.seed)
+                     zero_init_residual=config.zero_init_residual and config.shortcuts, dropout=config.dropout,
+                     classifier_kernel=config.classifier_kernel, input_scale=config.input_scale, seed=config.seed)
 
 
 def build_optimizer(config: TrainConfig, model: RefineNet):
@@ -395,7 +399,7 @@ def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
     effect: lr / encoder_lr (the schedule continues from the new base), iters, weight decay, momentum,
     evaluation and logging settings."""
     fixed = ("data", "model", "output_stride", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
-             "shortcuts", "long_range", "crp_relu", "freeze_bn", "loss", "crop",
+             "shortcuts", "long_range", "crp_relu", "freeze_bn", "classifier_kernel", "input_scale", "loss", "crop",
              "scale_min", "scale_max", "batch_size", "seed", "optimizer")
     defaults = TrainConfig()        # a key missing from an older checkpoint had its default then
     changed = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r} vs now {getattr(config, k)!r}"

@@ -282,7 +282,15 @@ def _config_of(model) -> dict:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("twin_from needs a tinyrefine RefineNet (it reads model.config)")
-    return dict(config)
+    config = dict(config)
+    # the official code's options are not in the twin: refuse rather than compare different networks
+    official = {"dropout": 0.0, "classifier_kernel": 1, "input_scale": 1.0}
+    unsupported = {k: config[k] for k, default in official.items() if config.get(k, default) != default}
+    if unsupported:
+        raise ValueError(f"the torch twin has no {', '.join(unsupported)} option (got {unsupported})")
+    for k in official:
+        config.pop(k, None)
+    return config
 
 
 def twin_from(model, device: str = "cpu") -> TorchRefineNet:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import functional as F
 from ..engine import Tensor
-from ..nn import Conv2d, Module, ModuleList, Sequential
+from ..nn import Conv2d, Dropout, Module, ModuleList, Sequential
 from .resnet import ResNet
 
 
@@ -104,15 +104,17 @@ class RefineNetBlock(Module):
 
 
 class Head(Module):
-    """Two RCUs and a 1x1 classifier at 1/4 resolution."""
+    """Two RCUs and the classifier at 1/4 resolution (1x1 by default; the official code: dropout 0.5, then 3x3)."""
 
     def __init__(self, channels: int, num_classes: int, shortcuts: bool = True,
-                 rng: Optional[np.random.Generator] = None) -> None:
+                 rng: Optional[np.random.Generator] = None, dropout: float = 0.0, classifier_kernel: int = 1,
+                 dropout_rng: Optional[np.random.Generator] = None) -> None:
         self.rcus = Sequential(ResidualConvUnit(channels, shortcuts, rng), ResidualConvUnit(channels, shortcuts, rng))
-        self.classifier = Conv2d(channels, num_classes, 1, bias=True, rng=rng)
+        self.dropout = Dropout(dropout, dropout_rng)
+        self.classifier = Conv2d(channels, num_classes, classifier_kernel, 1, classifier_kernel // 2, bias=True, rng=rng)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.rcus(x))
+        return self.classifier(self.dropout(self.rcus(x)))
 
 
 ENCODERS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -129,6 +131,11 @@ class RefineNet(Module):
     (all but the small 1/4 map) enter the cascade, each beside the large map of (nearly) the same size:
         refine4(adapt4, adapt_small3, adapt_small4) -> refine3(., adapt3, adapt_small2) -> refine2 -> refine1
     ``features`` is the decoder width (256 in the paper; refine4 works at 2x that).
+
+    Options from the official code (guosheng/refinenet), off by default (README: "paper / official
+    code / tinyrefine"): ``dropout=0.5`` on the encoder outputs wider than 512 channels and before
+    the classifier, ``classifier_kernel=3``, and ``input_scale=1.2``, the single-scale model's
+    input resize (the logits are resized back to the input's size either way).
     """
 
     SCALES = (1.2, 0.6)   # the two input scales of the 2-scale variant
@@ -136,20 +143,27 @@ class RefineNet(Module):
     def __init__(self, num_classes: int = 21, encoder: str = "resnet101", n_crp: int = 4, cascade: int = 4,
                  freeze_bn: bool = True, improved_crp: bool = False, features: int = 256, encoder_width: int = 64,
                  shortcuts: bool = True, long_range: bool = True, crp_relu: bool = True, two_scale: bool = False,
-                 zero_init_residual: bool = False, seed: int = 0) -> None:
+                 zero_init_residual: bool = False, dropout: float = 0.0, classifier_kernel: int = 1,
+                 input_scale: float = 1.0, seed: int = 0) -> None:
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}")
         if cascade not in (1, 2, 4):
             raise ValueError(f"cascade must be 1, 2 or 4, got {cascade}")
         if two_scale and cascade != 4:
             raise ValueError(f"the 2-scale variant is 4-cascaded (the paper's Fig. 7c); got cascade={cascade}")
+        if classifier_kernel not in (1, 3):
+            raise ValueError(f"classifier_kernel must be 1 (the paper's figure) or 3 (the official code), got {classifier_kernel}")
+        if not input_scale > 0 or (two_scale and input_scale != 1.0):
+            raise ValueError(f"input_scale must be positive, and 1.0 with two_scale (it has its own scales), got {input_scale}")
         rng = np.random.default_rng(seed)
         # the constructor arguments, so a twin or a checkpoint can rebuild the same network
         self.config = dict(num_classes=num_classes, encoder=encoder, n_crp=n_crp, cascade=cascade, freeze_bn=freeze_bn,
                            improved_crp=improved_crp, features=features, encoder_width=encoder_width,
                            shortcuts=shortcuts, long_range=long_range, crp_relu=crp_relu, two_scale=two_scale,
-                           zero_init_residual=zero_init_residual, seed=seed)
+                           zero_init_residual=zero_init_residual, dropout=dropout, classifier_kernel=classifier_kernel,
+                           input_scale=input_scale, seed=seed)
         self.num_classes, self.cascade, self.long_range, self.two_scale = num_classes, cascade, long_range, two_scale
+        self.input_scale = input_scale
         # optional: called as feature_hook([c1, c2, c3, c4]) on the encoder outputs in forward
         # (gradient-flow analysis registers Tensor hooks there); a returned list replaces them
         self.feature_hook = None
@@ -182,7 +196,10 @@ class RefineNet(Module):
             self.refine1 = RefineNetBlock([f, f, f], f, **block)                  # 1/4
         else:
             self.refine1 = RefineNetBlock([f2, f, f, f], f, **block)              # 1/4
-        self.head = Head(f, num_classes, shortcuts, rng)
+        dropout_rng = np.random.default_rng([seed, 1])  # its own stream: the weights' init does not change
+        self.head = Head(f, num_classes, shortcuts, rng, dropout, classifier_kernel, dropout_rng)
+        # the official code drops out the encoder outputs wider than 512 channels (layer3, layer4 of a ResNet-50+)
+        self.encoder_dropout = Dropout(dropout, dropout_rng)
         if zero_init_residual:
             self.zero_init_residual_branches()
 
@@ -211,6 +228,7 @@ class RefineNet(Module):
 
     def decode(self, features: List[Tensor], small: Optional[List[Tensor]] = None) -> Tensor:
         """Encoder features [c1..c4] (and, two_scale, the small encoder's) -> logits at 1/4 resolution."""
+        features = [self.encoder_dropout(c) if c.shape[1] > 512 else c for c in features]
         c1, c2, c3, c4 = features
         if not self.long_range:
             # ablation: cut the gradient of the long-range connections, so the encoder
@@ -242,7 +260,9 @@ class RefineNet(Module):
 
         One scale: (x, None). two_scale: x resized by 1.2, and the small encoder run on x resized by 0.6."""
         if not self.two_scale:
-            return x, None
+            if self.input_scale == 1.0:
+                return x, None
+            return F.interpolate(x, size=scaled_size(x.shape[2:], self.input_scale), align_corners=False), None
         large_size, small_size = (scaled_size(x.shape[2:], s) for s in self.SCALES)
         if min(small_size) < 32:
             raise ValueError(f"the 2-scale RefineNet needs images of at least 53x53 (its 0.6x copy must be "

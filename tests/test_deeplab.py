@@ -249,3 +249,22 @@ def test_train_evaluate_predict_with_model_flag(tmp_path, model, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "img.png")
     assert cli.main(["predict", str(tmp_path / "img.png"), "--out", str(tmp_path / "pred")] + checkpoint) == 0
     assert (tmp_path / "pred" / "img_mask.png").exists()
+
+
+def test_valid_weight_fraction_check_names_the_mistake(capsys):
+    from tinyrefine.exercises import check_valid_weight_fraction
+
+    def right(size, rate):
+        return ((size + 2 * max(size - rate, 0)) / (3 * size)) ** 2
+
+    def stub(size, rate):
+        raise NotImplementedError
+
+    assert check_valid_weight_fraction(right)
+    assert not check_valid_weight_fraction(lambda size, rate: 1.0)                           # padding counted
+    assert not check_valid_weight_fraction(lambda size, rate: right(size, rate) ** 0.5)      # one axis only
+    assert not check_valid_weight_fraction(lambda size, rate: ((3 * size - 2 * rate) / (3 * size)) ** 2)  # no max(0)
+    assert not check_valid_weight_fraction(stub)
+    out = capsys.readouterr().out
+    for hint in ("does not count", "AND its column", "never drops below 1/9", "not attempted yet"):
+        assert hint in out, hint

@@ -504,3 +504,33 @@ def check_winograd_tile(tile_2d) -> bool:
         _compare(tile_2d(d.copy(), g.copy()), expected, "F(2x2,3x3) tile", hint)
 
     return _report("winograd_tile", [("4x4 tile, 3x3 filter", run)])
+
+
+# --------------------------------------------------------------------------- 11: atrous rates and the map size
+def check_valid_weight_fraction(valid_weight_fraction) -> bool:
+    """Notebook 11: ``valid_weight_fraction(size, rate)`` -> the share of a 3x3 conv's 9 weights that land on a
+    size x size map rather than on its zero padding, averaged over the output pixels, for dilation = padding =
+    ``rate`` and stride 1 (DeepLabv3's Fig. 4). Checked against a count over every pixel and every tap."""
+    def counted(size: int, rate: int) -> float:
+        inside = [sum(0 <= i + offset < size for offset in (-rate, 0, rate)) for i in range(size)]
+        return sum(a * b for a in inside for b in inside) / (9 * size * size)
+
+    def case(size: int, rate: int):
+        def run():
+            expected = counted(size, rate)
+
+            def hint(got, exp):
+                if np.isclose(got, 1.0):
+                    return "a weight on the zero padding multiplies 0 and does not count"
+                if np.isclose(got, np.sqrt(exp)):
+                    return "that is one axis; a tap is on the map only when its row AND its column are: multiply"
+                if got < 1 / 9 - ATOL:
+                    return "the centre tap is always on the map: the share never drops below 1/9 (count at least 0)"
+                if np.isclose(got, (exp * 9 * size * size - size * size) / (8 * size * size)):
+                    return "count all 9 taps, the centre one included, and divide by 9"
+                return "per axis, a pixel i has taps at i - rate, i and i + rate; count those inside 0..size-1"
+            _compare(np.asarray(float(valid_weight_fraction(size, rate))), np.asarray(expected), "share", hint)
+        return f"size {size}, rate {rate}", run
+
+    cases = [(7, 1), (32, 6), (32, 12), (32, 24), (32, 36), (65, 24), (9, 9)]
+    return _report("valid_weight_fraction", [case(*c) for c in cases])

@@ -268,3 +268,25 @@ def test_valid_weight_fraction_check_names_the_mistake(capsys):
     out = capsys.readouterr().out
     for hint in ("does not count", "AND its column", "never drops below 1/9", "not attempted yet"):
         assert hint in out, hint
+
+
+def test_deeplabv3_on_cuda_matches_cpu():
+    """A small DeepLabV3 with its aux head (float64, train mode, dropout off) on CUDA against the CPU: logits and
+    gradients. Runs on a GPU or under the CuPy emulator (../shared/tools/fakecupy first on PYTHONPATH)."""
+    if not tr.cuda_available():
+        pytest.skip("CuPy with a GPU is not available (or put ../shared/tools/fakecupy first on PYTHONPATH)")
+    from tinyrefine import backend
+    x = np.random.default_rng(0).standard_normal((2, 3, 33, 31))
+    grads, outputs = [], []
+    for device in ("cpu", "cuda"):
+        model = DeepLabV3(5, "resnet18", output_stride=16, width=4, aspp_channels=8, aux_loss=True, seed=1)
+        model.astype(np.float64).to(device).train()
+        _set_dropout(model, 0.0)
+        main, aux = model.forward_with_aux(tr.Tensor(backend.to_device(x, device)))
+        (main.sum() + (aux * aux).sum()).backward()
+        outputs.append([backend.as_numpy(t.data) for t in (main, aux)])
+        grads.append({k: backend.as_numpy(p.grad) for k, p in model.named_parameters()})
+    for ours, theirs in zip(outputs[1], outputs[0]):
+        assert np.abs(ours - theirs).max() <= 1e-10 * np.abs(theirs).max()
+    for key, cpu_grad in grads[0].items():
+        assert np.abs(grads[1][key] - cpu_grad).max() <= 1e-9 * max(np.abs(cpu_grad).max(), 1e-30), key

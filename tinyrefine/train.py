@@ -22,6 +22,7 @@ from . import functional as F
 from .data import (CamVid, DataLoader, Shapes, VOCSegmentation, colorize, eval_transform, train_transform)
 from .engine import Tensor, no_grad
 from .io import atomic_write_bytes, load_npz, load_npz_meta, load_torch_checkpoint, save_npz
+from .memory import empty_cache
 from .metrics import RunningConfusion
 from .models import FCN, DeepLabV3, RefineNet
 from .optim import SGD, Adam, PolyLR, clip_grad_norm, encoder_decoder_groups
@@ -370,6 +371,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     metrics = _record_miou(history, config.iters, config, model, train_set, val_set, num_classes, None)
     save_checkpoint(checkpoint, model, optimizer, meta(config.iters))
     write_logs(out, history)
+    empty_cache()   # the scratch buffers have grown to the largest layer: give them back (a notebook lives on)
     return {"checkpoint": str(checkpoint), "iteration": config.iters, "history": history, "val": metrics,
             "out": str(out), "model": model, "val_set": val_set}
 

@@ -1,6 +1,8 @@
 """What the kernels share: argument checks, output sizes, the thread pool over planes, scratch buffers."""
 from __future__ import annotations
 
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Tuple, Union
 
@@ -59,19 +61,52 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int =
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-_scratch_buffers: dict = {}
+class _Buffers:
+    """One thread's scratch buffers, by role."""
+    __slots__ = ("by_role", "__weakref__")
+
+    def __init__(self) -> None:
+        self.by_role: dict = {}
+
+
+_scratch = threading.local()        # each thread its own buffers: two threads never share one
+_scratch_lock = threading.Lock()
+_scratch_by_thread = weakref.WeakSet()  # every live thread's buffers, so that empty_cache() reaches them all
 
 
 def scratch(role: str, shape: tuple, dtype) -> np.ndarray:
-    """A reusable host array for short-lived work (im2col columns and their gradient).
+    """A reusable host array for short-lived work (im2col columns and their gradient), borrowed.
 
     A fresh 100 MB array costs more in page faults than filling it does, so each role
-    keeps one buffer, grown when a larger one is asked for. Only valid until the next
-    call with the same role: never return it to the caller.
+    keeps one buffer per thread, grown when a larger one is asked for. Only valid until
+    the next call with the same role in the same thread: never return it to the caller.
+    ``empty_cache()`` lets them go.
     """
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = _Buffers()   # freed with its thread
+        with _scratch_lock:
+            _scratch_by_thread.add(buffers)
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    buffer = _scratch_buffers.get(role)
+    buffer = buffers.by_role.get(role)
     if buffer is None or buffer.nbytes < nbytes:
-        buffer = _scratch_buffers[role] = np.empty(nbytes, dtype=np.uint8)
+        buffer = buffers.by_role[role] = np.empty(nbytes, dtype=np.uint8)
     return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+def scratch_nbytes() -> int:
+    """Bytes held by the scratch buffers of every thread."""
+    with _scratch_lock:
+        return sum(b.nbytes for buffers in _scratch_by_thread for b in list(buffers.by_role.values()))
+
+
+def release_scratch() -> int:
+    """Drop every thread's scratch buffers (a kernel running now keeps its own until it returns).
+
+    Returns the bytes released."""
+    with _scratch_lock:
+        released = sum(b.nbytes for buffers in _scratch_by_thread for b in list(buffers.by_role.values()))
+        for buffers in _scratch_by_thread:
+            buffers.by_role.clear()
+    return released

@@ -75,13 +75,20 @@ class ChainedResidualPooling(Module):
         self.convs = ModuleList([Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng) for _ in range(n_blocks)])
         self.improved, self.shortcut, self.leading_relu = improved, shortcut, leading_relu
 
+    def pooling_block(self, conv: Conv2d, path: Tensor) -> Tensor:
+        """One block of Fig. 3d: a 5x5 max-pool (stride 1), then a 3x3 conv (improved: conv, then pool)."""
+        if self.improved:
+            return F.max_pool2d(conv(path), 5, 1, 2)
+        return conv(F.max_pool2d(path, 5, 1, 2))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.leading_relu:
-            x = F.relu(x)
-        out, path = x, x
+            x = F.relu(x)                           # (N, C, H, W)
+        out = x if self.shortcut else None          # ablation shortcut=False: x itself is left out of the sum
+        path = x
         for conv in self.convs:
-            path = F.max_pool2d(conv(path), 5, 1, 2) if self.improved else conv(F.max_pool2d(path, 5, 1, 2))
-            out = F.add(out, path) if self.shortcut or out is not x else path
+            path = self.pooling_block(conv, path)   # the chain: each block pools the previous block's output
+            out = path if out is None else F.add(out, path)
         return out
 
 

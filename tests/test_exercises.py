@@ -154,3 +154,70 @@ def test_evaluation_and_batch_norm_checks(capsys):
     assert exercises.check_fold_bn(fold)
     assert not exercises.check_fold_bn(lambda *a: fold(*a, keep_bias=False))
     assert "own bias b is normalised too" in capsys.readouterr().out
+
+
+def test_training_step_and_warmup_checks(capsys):
+    import tinyrefine as tr
+    from tinyrefine.optim import poly_lr
+
+    def train_step(model, optimizer, images, masks, micro_batches=1, mistake=None):
+        if mistake != "no zero_grad":
+            optimizer.zero_grad()
+        size, total = len(images) // micro_batches, 0.0
+        for start in range(0, len(images), size):
+            loss = F.cross_entropy(model(tr.Tensor(images[start:start + size])), masks[start:start + size],
+                                   ignore_index=255)
+            (loss if mistake == "no 1/k" else loss / micro_batches).backward()
+            total += loss.item() / micro_batches
+        if mistake != "no step":
+            optimizer.step()
+        return total
+    assert exercises.check_train_step(train_step)
+    capsys.readouterr()
+    assert not exercises.check_train_step(lambda *a: train_step(*a, mistake="no zero_grad"))
+    assert "gradients of the previous call were still there" in capsys.readouterr().out
+    assert not exercises.check_train_step(lambda *a: train_step(*a, mistake="no 1/k"))
+    out = capsys.readouterr().out
+    assert "1 micro-batch, 2 steps]: correct" in out and "loss / micro_batches" in out
+    assert not exercises.check_train_step(lambda *a: train_step(*a, mistake="no step"))
+    assert "no weight changed" in capsys.readouterr().out
+
+    def lr_at(base_lr, iteration, max_iter, warmup, power, start_at_zero=False):
+        ramp = min(1.0, (iteration + (0 if start_at_zero else 1)) / warmup)
+        return base_lr * ramp * (1 - iteration / max_iter) ** power
+    assert exercises.check_warmup_poly(lr_at)
+    assert not exercises.check_warmup_poly(lambda *a: lr_at(*a, start_at_zero=True))
+    assert "not iteration / warmup" in capsys.readouterr().out
+    assert not exercises.check_warmup_poly(lambda b, i, m, w, p: poly_lr(b, i, m, p))
+    assert "poly alone" in capsys.readouterr().out
+    assert exercises.check_train_step(stub) is False and exercises.check_warmup_poly(stub) is False
+
+
+def test_conv_cost_checks(capsys):
+    def out_size(n, k, s, p, d):
+        return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+    def flops(shape, c_out, k, s, p, d, ignore_dilation=False):
+        n, c_in, h, w = shape
+        d = 1 if ignore_dilation else d
+        return 2 * n * c_out * out_size(h, k, s, p, d) * out_size(w, k, s, p, d) * c_in * k * k
+    assert exercises.check_conv_flops(flops)
+    capsys.readouterr()
+    assert not exercises.check_conv_flops(lambda *a: flops(*a) // 2)
+    assert "2 FLOPs per multiply-add" in capsys.readouterr().out
+    assert not exercises.check_conv_flops(lambda *a: flops(*a, ignore_dilation=True))
+    assert "d * (k - 1) + 1" in capsys.readouterr().out
+
+    def memory(shape, c_out, k, s, p, d, itemsize, mistake=None):
+        n, c_in, h, w = shape
+        out = n * c_out * out_size(h, k, s, p, d) * out_size(w, k, s, p, d)
+        conv = out * itemsize + (0 if mistake == "no input" else n * c_in * h * w * itemsize)
+        relu = out * itemsize + out * (itemsize if mistake == "float mask" else 1)
+        return conv, relu
+    assert exercises.check_conv_relu_memory(memory)
+    capsys.readouterr()
+    assert not exercises.check_conv_relu_memory(lambda *a: memory(*a, mistake="no input"))
+    assert "keeps its INPUT" in capsys.readouterr().out
+    assert not exercises.check_conv_relu_memory(lambda *a: memory(*a, mistake="float mask"))
+    assert "one byte per element" in capsys.readouterr().out
+    assert exercises.check_conv_flops(stub) is False and exercises.check_conv_relu_memory(stub) is False

@@ -267,6 +267,181 @@ def check_zero_init(zero_init) -> bool:
     return _report("zero_init", [("every parameter", run)])
 
 
+# --------------------------------------------------------------------------- 06: a training step, warm-up + poly
+def check_train_step(train_step) -> bool:
+    """Notebook 06: ``train_step(model, optimizer, images, masks, micro_batches)`` -> the batch's loss, after one
+    optimiser step on the whole batch, its gradient accumulated over ``micro_batches`` equal slices. Checked
+    against a plain full-batch step (forward, cross-entropy with ignore_index 255, zero_grad, backward, step).
+    SGD, not Adam: Adam's step barely changes when the gradient is scaled, so it would hide a missing 1/k."""
+    from .models import RefineNet
+    from .optim import SGD
+
+    def setup():
+        model = RefineNet(3, "resnet18", encoder_width=4, features=4, seed=0).astype(np.float64)  # BN frozen
+        return model, SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def reference_step(model, optimizer, images, masks) -> float:
+        loss = F.cross_entropy(model(Tensor(images)), masks, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    rng = np.random.default_rng(10)
+    batches = [(rng.standard_normal((2, 3, 32, 32)), rng.integers(0, 3, (2, 32, 32))) for _ in range(2)]
+    for _, masks in batches:
+        masks[:, :, :3] = 255   # the same number of ignored pixels in every image, so slices weigh equally
+
+    def case(micro_batches):
+        def run():
+            mine, reference = setup(), setup()
+            before = {n: p.data.copy() for n, p in mine[0].named_parameters()}
+            for step, (images, masks) in enumerate(batches):
+                got = train_step(*mine, images, masks, micro_batches)
+                expected = reference_step(*reference, images, masks)
+                moved = [n for n, p in mine[0].named_parameters() if not np.array_equal(p.data, before[n])]
+                if step == 0 and not moved:
+                    raise _Fail("no weight changed: call optimizer.step() after backward(), and do not clear the "
+                                "gradients (zero_grad) between backward() and step()")
+                _compare(np.asarray(float(got.item() if isinstance(got, Tensor) else got)), np.asarray(expected),
+                         f"returned loss at step {step + 1}",
+                         lambda g, e: "return the loss of the WHOLE batch: the mean of the equal slices' losses")
+
+                def hint(g, e, step=step):
+                    if step == 1:
+                        return ("the first step was right, the second is not: the gradients of the previous call "
+                                "were still there. Call optimizer.zero_grad() before the first backward()")
+                    if micro_batches > 1:
+                        return ("accumulate by calling backward() once per slice on loss / micro_batches, with no "
+                                "zero_grad() between the slices; step() once, after the last slice")
+                    return None
+                for name, p in reference[0].named_parameters():
+                    _compare(dict(mine[0].named_parameters())[name].data, p.data, f"{name} after step {step + 1}", hint)
+        return f"{micro_batches} micro-batch{'es' if micro_batches > 1 else ''}, 2 steps", run
+
+    return _report("train_step", [case(1), case(2)])
+
+
+def check_warmup_poly(lr_at) -> bool:
+    """Notebook 06: ``lr_at(base_lr, iteration, max_iter, warmup, power)``, iterations counted from 0, as
+    ``tinyrefine.optim.PolyLR``: poly decay times a linear warm-up factor min(1, (iteration + 1) / warmup)."""
+    from .nn import Parameter
+    from .optim import SGD, PolyLR, poly_lr
+
+    def run():
+        optimizer = SGD([Parameter(np.zeros(1))], lr=0.01)
+        schedule = PolyLR(optimizer, max_iter=1000, power=0.9, warmup=100)
+        for it in (0, 1, 49, 98, 99, 100, 500, 999):
+            schedule.step(it)
+
+            def hint(got, exp, it=it):
+                if np.isclose(got, poly_lr(0.01, it, 1000, 0.9)):
+                    return "that is poly alone: during warm-up multiply it by (iteration + 1) / warmup"
+                if it == 0 and got == 0:
+                    return ("iteration 0 must already take a step: the factor is (iteration + 1) / warmup, "
+                            "not iteration / warmup")
+                if it >= 100:
+                    return "after warm-up the factor stays 1: min(1, (iteration + 1) / warmup)"
+                return "lr = base_lr * min(1, (iteration + 1) / warmup) * (1 - iteration / max_iter) ** power"
+            _compare(np.asarray(lr_at(0.01, it, 1000, 100, 0.9)), np.asarray(optimizer.param_groups[0]["lr"]),
+                     f"lr at iteration {it}", hint)
+
+    return _report("warmup_poly", [("base 0.01, 1000 iterations, warm-up 100, power 0.9", run)])
+
+
+# --------------------------------------------------------------------------- 07: the cost of a conv, by hand
+def _conv_relu(c_in: int, c_out: int, k: int, stride: int, padding: int, dilation: int):
+    from .nn import Conv2d, Module, ReLU
+
+    class ConvReLU(Module):
+        def __init__(self):
+            self.conv = Conv2d(c_in, c_out, k, stride, padding, dilation=dilation, rng=np.random.default_rng(0))
+            self.relu = ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv(x))
+    return ConvReLU()
+
+
+_CONV_CASES = [((1, 3, 8, 8), 4, 3, 1, 1, 1), ((2, 3, 9, 10), 8, 3, 2, 1, 1), ((1, 4, 12, 11), 6, 3, 1, 2, 2),
+               ((2, 5, 7, 7), 3, 1, 1, 0, 1)]
+
+
+def _conv_label(shape, c_out, k, stride, padding, dilation) -> str:
+    return f"{shape} -> {c_out} ch, k{k} s{stride} p{padding} d{dilation}"
+
+
+def check_conv_flops(conv_flops) -> bool:
+    """Notebook 07: ``conv_flops(input_shape, c_out, k, stride, padding, dilation)`` -> FLOPs of a k x k conv
+    (2 x multiply-adds, bias left out), as ``summary.count_flops``."""
+    from .summary import count_flops
+
+    def case(shape, c_out, k, stride, padding, dilation):
+        def run():
+            expected = count_flops(_conv_relu(shape[1], c_out, k, stride, padding, dilation), shape)
+            n, c_in, h, w = shape
+            ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+            wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+            def hint(got, exp):
+                if np.isclose(got, exp / 2):
+                    return "count 2 FLOPs per multiply-add (a multiply and an add)"
+                if np.isclose(got, 2 * n * c_out * h * w * c_in * k * k):
+                    return "that uses the INPUT size: count one multiply-add per OUTPUT pixel"
+                undilated = ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
+                if dilation > 1 and np.isclose(got, 2 * n * c_out * c_in * k * k * undilated):
+                    return ("dilation d spreads the kernel over d * (k - 1) + 1 pixels: "
+                            "H_out = (H + 2p - d(k-1) - 1) // s + 1")
+                if np.isclose(got, 2 * c_out * ho * wo * c_in * k * k) and n > 1:
+                    return "every image of the batch costs the same again: multiply by N"
+                return f"output {ho}x{wo}; FLOPs = 2 * N * C_out * H_out * W_out * C_in * k * k"
+            _compare(np.asarray(float(conv_flops(shape, c_out, k, stride, padding, dilation))), np.asarray(expected),
+                     "FLOPs", hint)
+        return _conv_label(shape, c_out, k, stride, padding, dilation), run
+
+    return _report("conv_flops", [case(*c) for c in _CONV_CASES])
+
+
+def check_conv_relu_memory(conv_relu_bytes) -> bool:
+    """Notebook 07: ``conv_relu_bytes(input_shape, c_out, k, stride, padding, dilation, itemsize)`` ->
+    (bytes the conv keeps, bytes the ReLU after it keeps) in a training forward, as ``viz.activation_memory``
+    counts them without the parameters: the conv keeps its input and its output, the ReLU its mask (one byte
+    per element) and its output."""
+    from .viz import activation_memory
+
+    def case(shape, c_out, k, stride, padding, dilation, dtype):
+        def run():
+            model = _conv_relu(shape[1], c_out, k, stride, padding, dilation).astype(dtype)
+            rows = dict(activation_memory(model, np.zeros(shape, dtype=dtype), include_parameters=False))
+            size = np.dtype(dtype).itemsize
+            got = conv_relu_bytes(shape, c_out, k, stride, padding, dilation, size)
+            if np.shape(got) != (2,):
+                raise _Fail(f"return two numbers (conv bytes, ReLU bytes), got {got!r}")
+            n, c_in, h, w = shape
+            elements = rows["relu"] // (size + 1)        # the ReLU keeps a one-byte mask and its output
+            out = elements * size                           # the bytes of the conv's (and the ReLU's) output
+
+            def conv_hint(g, e):
+                if np.isclose(g, out):
+                    return "the conv keeps its INPUT for backward (dL/dw needs it), besides its output"
+                if np.isclose(g, n * c_in * h * w * size):
+                    return "the conv's output counts too: the graph holds it until the ReLU has used it"
+                return "conv: input N*C_in*H*W + output N*C_out*H_out*W_out elements, itemsize bytes each"
+
+            def relu_hint(g, e):
+                if np.isclose(g, 2 * out):
+                    return "the ReLU's mask x > 0 is boolean: one byte per element, not itemsize"
+                if np.isclose(g, out):
+                    return "the ReLU also keeps its mask x > 0 (one byte per element) for backward"
+                return "ReLU: a one-byte mask plus the output, N*C_out*H_out*W_out elements each"
+            _compare(np.asarray(float(got[0])), np.asarray(rows["conv"]), "conv bytes", conv_hint)
+            _compare(np.asarray(float(got[1])), np.asarray(rows["relu"]), "ReLU bytes", relu_hint)
+        return f"{_conv_label(shape, c_out, k, stride, padding, dilation)}, {np.dtype(dtype).name}", run
+
+    return _report("conv_relu_bytes", [case(*c, np.float32) for c in _CONV_CASES[:3]] +
+                   [case(*_CONV_CASES[3], np.float64)])
+
+
 # --------------------------------------------------------------------------- 08: loss and optimisation
 def check_cross_entropy(cross_entropy) -> bool:
     """Notebook 08: ``cross_entropy(logits, target, ignore_index)`` -> (loss, dL/dlogits), NumPy arrays in and out,

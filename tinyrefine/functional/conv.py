@@ -16,7 +16,8 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
     """cols[n, c, p, q, i, j] = xpad[n, c, i*s + p*d, j*s + q*d]  -> (N, C, kh, kw, Ho, Wo)
 
     One strided copy per kernel offset (kh*kw copies of an output-sized block).
-    ``out`` may be a preallocated array of that shape (conv2d passes a scratch buffer)."""
+    ``out`` may be a preallocated array of that shape, in any memory order (conv2d passes a scratch
+    buffer, on small maps a (C, kh, kw, N, Ho, Wo) one seen through a transpose)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     N, C, H, W = x.shape
     Ho, Wo = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
@@ -29,13 +30,12 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
         xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[..., :pw], xpad[..., W + pw:] = 0, 0, 0, 0
         xpad[:, :, ph:ph + H, pw:pw + W] = x
     cols = np.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype) if out is None else out
-    src, dst = xpad.reshape(N * C, *xpad.shape[2:]), cols.reshape(N * C, kh, kw, Ho, Wo)
 
-    def copy_offsets(a: int, b: int) -> None:  # planes a..b
+    def copy_offsets(a: int, b: int) -> None:  # channels a..b
         for p in range(kh):
             for q in range(kw):
-                dst[a:b, p, q] = src[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
-    over_planes(N * C, copy_offsets, kh * kw * Ho * Wo)
+                cols[:, a:b, p, q] = xpad[:, a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    over_planes(C, copy_offsets, N * kh * kw * Ho * Wo)
     return cols
 
 
@@ -70,25 +70,28 @@ def _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo):
 def col2im(cols, x_shape, kernel, stride, padding, dilation):
     """The adjoint of im2col: dx[n, c, h, w] = sum of cols entries that copied xpad[n, c, h, w].
 
-    Strided adds over the kernel offsets (np.add.at is several times slower here)."""
+    Strided adds over the kernel offsets (np.add.at is several times slower here). ``cols`` may be in
+    any memory order; a (C, kh, kw, N, Ho, Wo) one (conv2d's folded batch) is summed in that order."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     N, C, H, W = x_shape
     Ho, Wo = cols.shape[-2:]
     xp = get_array_module(cols)
     if xp is not np:
         return _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation)
-    dxpad = scratch("col2im.dxpad", (N * C, H + 2 * ph, W + 2 * pw), cols.dtype)
-    src = cols.reshape(N * C, kh, kw, Ho, Wo)
-    dx = np.empty((N * C, H, W), dtype=cols.dtype)
+    if cols.strides[1] > cols.strides[0]:   # channel-major columns: a channel-major padded buffer
+        dxpad = scratch("col2im.dxpad", (C, N, H + 2 * ph, W + 2 * pw), cols.dtype).transpose(1, 0, 2, 3)
+    else:
+        dxpad = scratch("col2im.dxpad", (N, C, H + 2 * ph, W + 2 * pw), cols.dtype)
+    dx = np.empty(x_shape, dtype=cols.dtype)
 
-    def add_offsets(a: int, b: int) -> None:  # planes a..b
-        dxpad[a:b] = 0
+    def add_offsets(a: int, b: int) -> None:  # channels a..b
+        dxpad[:, a:b] = 0
         for p in range(kh):
             for q in range(kw):
-                dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += src[a:b, p, q]
-        dx[a:b] = dxpad[a:b, ph:ph + H, pw:pw + W]
-    over_planes(N * C, add_offsets, kh * kw * Ho * Wo)
-    return dx.reshape(x_shape)
+                dxpad[:, a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += cols[:, a:b, p, q]
+        dx[:, a:b] = dxpad[:, a:b, ph:ph + H, pw:pw + W]
+    over_planes(C, add_offsets, N * kh * kw * Ho * Wo)
+    return dx
 
 
 _COL2IM_CUDA = r"""
@@ -148,7 +151,10 @@ class Conv2dFunction(Function):
     Backward: dW = sum_n gy[n] @ cols[n]^T, dcols[n] = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
     Forward saves x and W, not cols: recomputing cols in backward costs one copy,
     keeping them would cost kh*kw times the input's memory per layer.
+    On the CPU, outputs of at most ``fold_max_pixels`` per image fold the batch into the columns instead
+    (ours): cols (C*kh*kw, N*Ho*Wo), y = W @ cols in one GEMM; per-image GEMMs that thin run slowly.
     """
+    fold_max_pixels = 256  # 16x16 (measured, issue 13: the demo network's 2x2-16x16 maps)
 
     def __init__(self, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1) -> None:
         self.stride = _pair(stride, "stride", 1)
@@ -171,6 +177,9 @@ class Conv2dFunction(Function):
         xp = get_array_module(x)
         if xp is np:
             threads.get_num_threads()  # BLAS follows the thread count in effect (re-checked every few seconds)
+        self.folded = xp is np and self._folds(x.shape, w.shape)
+        if self.folded:
+            return self._folded_forward(x, w, b)
         cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
         w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
         y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
@@ -183,7 +192,47 @@ class Conv2dFunction(Function):
             y += b.reshape(1, -1, 1)
         return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
 
+    def _folds(self, x_shape, w_shape) -> bool:
+        """CPU, small output maps: fold the batch into the GEMM's columns (sets out_hw)."""
+        self.out_hw = tuple(_out_size(x_shape[2 + a], w_shape[2 + a], self.stride[a], self.padding[a], self.dilation[a])
+                            for a in (0, 1))
+        return self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
+
+    def _folded_cols(self, x):  # (C*kh*kw, N*Ho*Wo): im2col into a (C, kh, kw, N, Ho, Wo) buffer
+        kernel = self.w_shape[2:]
+        cols = scratch("conv.cols", (x.shape[1], *kernel, x.shape[0], *self.out_hw), x.dtype)
+        im2col(x, kernel, self.stride, self.padding, self.dilation, out=cols.transpose(3, 0, 1, 2, 4, 5))
+        return cols.reshape(x.shape[1] * kernel[0] * kernel[1], -1)
+
+    def _folded_forward(self, x, w, b):
+        N, O = x.shape[0], w.shape[0]
+        y_t = scratch("conv.y_t", (O, N, self.out_hw[0] * self.out_hw[1]), x.dtype)
+        np.matmul(w.reshape(O, -1), self._folded_cols(x), out=y_t.reshape(O, -1))   # one GEMM for the batch
+        y = np.empty((N, O, *self.out_hw), dtype=x.dtype)
+        y.reshape(N, O, -1)[...] = y_t.transpose(1, 0, 2)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    def _folded_backward(self, gy):
+        x, w = self.x, self.w
+        N, O = gy.shape[:2]
+        gy_t = scratch("conv.gy_t", (O, N, gy.shape[2] * gy.shape[3]), gy.dtype)
+        gy_t[...] = gy.reshape(N, O, -1).transpose(1, 0, 2)
+        gy_t = gy_t.reshape(O, -1)                                      # (O, N*Ho*Wo)
+        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
+        gw = (gy_t @ self._folded_cols(x).T).reshape(w.shape) if self.needs_input_grad[1] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            kernel = w.shape[2:]
+            gcols = scratch("conv.gcols", (x.shape[1], *kernel, N, *gy.shape[2:]), gy.dtype)
+            np.matmul(w.reshape(O, -1).T, gy_t, out=gcols.reshape(-1, gy_t.shape[1]))   # dcols, all images
+            gx = col2im(gcols.transpose(3, 0, 1, 2, 4, 5), x.shape, kernel, self.stride, self.padding, self.dilation)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
     def backward(self, gy):
+        if self.folded:
+            return self._folded_backward(gy)
         x, w = self.x, self.w
         xp = get_array_module(gy)
         N, O = gy.shape[:2]

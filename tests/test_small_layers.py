@@ -1,0 +1,73 @@
+"""Small layers (issue 13): on the CPU a conv with a small output map folds the batch into one GEMM
+(Conv2dFunction.fold_max_pixels), with im2col/col2im working in a channel-major buffer. It must give what
+the per-image path gives, for every geometry, and pass its gradcheck."""
+import numpy as np
+import pytest
+
+import tinyrefine as tr
+import tinyrefine.functional as F
+from tinyrefine.functional.conv import Conv2dFunction
+
+GEOMETRIES = [  # (x shape, weight shape, stride, padding, dilation)
+    ((3, 4, 6, 5), (5, 4, 3, 3), 1, 1, 1),
+    ((2, 3, 7, 7), (4, 3, 3, 3), 2, 1, 1),
+    ((2, 3, 9, 8), (2, 3, 3, 3), 1, 2, 2),
+    ((1, 2, 8, 8), (3, 2, 7, 7), 2, 3, 1),
+    ((3, 4, 5, 5), (6, 4, 1, 1), 1, 0, 1),
+    ((2, 4, 6, 6), (3, 4, 1, 1), 2, 0, 1),
+    ((2, 2, 5, 7), (3, 2, 2, 3), (1, 2), (0, 1), 1),
+]
+
+
+def run(x, w, b, geometry, fold_max_pixels, monkeypatch):
+    monkeypatch.setattr(Conv2dFunction, "fold_max_pixels", fold_max_pixels)
+    stride, padding, dilation = geometry
+    xt, wt = tr.Tensor(x, requires_grad=True), tr.Tensor(w, requires_grad=True)
+    bt = None if b is None else tr.Tensor(b, requires_grad=True)
+    y = F.conv2d(xt, wt, bt, stride, padding, dilation, algorithm="im2col")
+    upstream = np.random.default_rng(1).standard_normal(y.shape)
+    y.backward(upstream)
+    return [y.data, xt.grad, wt.grad] + ([] if b is None else [bt.grad])
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation", GEOMETRIES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_batch_equals_the_per_image_path(x_shape, w_shape, stride, padding, dilation, bias, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0]) if bias else None
+    geometry = (stride, padding, dilation)
+    per_image = run(x, w, b, geometry, 0, monkeypatch)
+    folded = run(x, w, b, geometry, 10 ** 9, monkeypatch)
+    for a, c in zip(per_image, folded):
+        np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation", GEOMETRIES[:4])
+def test_folded_batch_gradcheck(x_shape, w_shape, stride, padding, dilation, monkeypatch):
+    monkeypatch.setattr(Conv2dFunction, "fold_max_pixels", 10 ** 9)
+    rng = np.random.default_rng(2)
+    x = tr.Tensor(rng.standard_normal(x_shape), requires_grad=True)
+    w = tr.Tensor(rng.standard_normal(w_shape), requires_grad=True)
+    b = tr.Tensor(rng.standard_normal(w_shape[0]), requires_grad=True)
+    assert tr.gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, algorithm="im2col"), [x, w, b])
+
+
+def test_the_demo_sizes_take_the_folded_path_and_large_maps_do_not():
+    op = Conv2dFunction(1, 1, 1)
+    assert op._folds((8, 32, 16, 16), (32, 32, 3, 3))      # the demo decoder at 1/4
+    assert not op._folds((2, 256, 64, 64), (256, 256, 3, 3))
+
+
+def test_im2col_fills_a_channel_major_buffer_and_col2im_sums_it():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 7, 6))
+    geometry = ((3, 3), (2, 1), (1, 2), (1, 2))
+    expected = F.im2col(x, *geometry)                        # (N, C, kh, kw, Ho, Wo)
+    buffer = np.empty(expected.shape[1:4] + expected.shape[:1] + expected.shape[4:])   # (C, kh, kw, N, Ho, Wo)
+    got = F.im2col(x, *geometry, out=buffer.transpose(3, 0, 1, 2, 4, 5))
+    np.testing.assert_array_equal(got, expected)
+    cols = rng.standard_normal(expected.shape)
+    channel_major = np.ascontiguousarray(cols.transpose(1, 2, 3, 0, 4, 5)).transpose(3, 0, 1, 2, 4, 5)
+    np.testing.assert_allclose(F.col2im(channel_major, x.shape, *geometry), F.col2im(cols, x.shape, *geometry),
+                               rtol=1e-13, atol=1e-13)

@@ -288,6 +288,8 @@ class _SeparablePool2d(Function):
     """y = P_h @ x @ P_w^T per (n, c) plane; gx = P_h^T @ gy @ P_w (the exact adjoint).
     Subclasses say which matrices: ``_matrices(H, W, dtype, device) -> (P_h (Ho, H), P_w (Wo, W))``."""
 
+    saves_inputs = False  # keeps the pooling matrices only
+
     def forward(self, x):
         N, C, H, W = x.shape
         self.x_shape = x.shape
@@ -383,6 +385,8 @@ class MaxUnpool2dFunction(Function):
     Backward is the exact adjoint, a gather: gx = gy.flat[index] for the winners, 0 for the overwritten
     (torch's backward gives them gy too, although they did not reach y).
     """
+
+    saves_inputs = False  # keeps the targets it computed from the indices, not x or the indices
 
     def __init__(self, output_hw: Tuple[int, int]) -> None:
         self.output_hw = output_hw

@@ -1,5 +1,5 @@
 """Small layers (issue 13): on the CPU a conv with a small output map folds the batch into one GEMM
-(Conv2dFunction.fold_max_pixels), with im2col/col2im working in a channel-major buffer. It must give what
+(Conv2dFunction.fold_max_pixels), its columns laid out with the batch innermost. It must give what
 the per-image path gives, for every geometry, and pass its gradcheck."""
 import numpy as np
 import pytest
@@ -57,17 +57,3 @@ def test_the_demo_sizes_take_the_folded_path_and_large_maps_do_not():
     op = Conv2dFunction(1, 1, 1)
     assert op._folds((8, 32, 16, 16), (32, 32, 3, 3))      # the demo decoder at 1/4
     assert not op._folds((2, 256, 64, 64), (256, 256, 3, 3))
-
-
-def test_im2col_fills_a_channel_major_buffer_and_col2im_sums_it():
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((3, 4, 7, 6))
-    geometry = ((3, 3), (2, 1), (1, 2), (1, 2))
-    expected = F.im2col(x, *geometry)                        # (N, C, kh, kw, Ho, Wo)
-    buffer = np.empty(expected.shape[1:4] + expected.shape[:1] + expected.shape[4:])   # (C, kh, kw, N, Ho, Wo)
-    got = F.im2col(x, *geometry, out=buffer.transpose(3, 0, 1, 2, 4, 5))
-    np.testing.assert_array_equal(got, expected)
-    cols = rng.standard_normal(expected.shape)
-    channel_major = np.ascontiguousarray(cols.transpose(1, 2, 3, 0, 4, 5)).transpose(3, 0, 1, 2, 4, 5)
-    np.testing.assert_allclose(F.col2im(channel_major, x.shape, *geometry), F.col2im(cols, x.shape, *geometry),
-                               rtol=1e-13, atol=1e-13)

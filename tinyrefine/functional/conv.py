@@ -16,8 +16,7 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
     """cols[n, c, p, q, i, j] = xpad[n, c, i*s + p*d, j*s + q*d]  -> (N, C, kh, kw, Ho, Wo)
 
     One strided copy per kernel offset (kh*kw copies of an output-sized block).
-    ``out`` may be a preallocated array of that shape, in any memory order (conv2d passes a scratch
-    buffer, on small maps a (C, kh, kw, N, Ho, Wo) one seen through a transpose)."""
+    ``out`` may be a preallocated array of that shape (conv2d passes a scratch buffer)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     N, C, H, W = x.shape
     Ho, Wo = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
@@ -30,12 +29,13 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
         xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[..., :pw], xpad[..., W + pw:] = 0, 0, 0, 0
         xpad[:, :, ph:ph + H, pw:pw + W] = x
     cols = np.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype) if out is None else out
+    src, dst = xpad.reshape(N * C, *xpad.shape[2:]), cols.reshape(N * C, kh, kw, Ho, Wo)
 
-    def copy_offsets(a: int, b: int) -> None:  # channels a..b
+    def copy_offsets(a: int, b: int) -> None:  # planes a..b
         for p in range(kh):
             for q in range(kw):
-                cols[:, a:b, p, q] = xpad[:, a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
-    over_planes(C, copy_offsets, N * kh * kw * Ho * Wo)
+                dst[a:b, p, q] = src[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    over_planes(N * C, copy_offsets, kh * kw * Ho * Wo)
     return cols
 
 
@@ -70,28 +70,25 @@ def _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo):
 def col2im(cols, x_shape, kernel, stride, padding, dilation):
     """The adjoint of im2col: dx[n, c, h, w] = sum of cols entries that copied xpad[n, c, h, w].
 
-    Strided adds over the kernel offsets (np.add.at is several times slower here). ``cols`` may be in
-    any memory order; a (C, kh, kw, N, Ho, Wo) one (conv2d's folded batch) is summed in that order."""
+    Strided adds over the kernel offsets (np.add.at is several times slower here)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     N, C, H, W = x_shape
     Ho, Wo = cols.shape[-2:]
     xp = get_array_module(cols)
     if xp is not np:
         return _col2im_cuda(cols, x_shape, kernel, stride, padding, dilation)
-    if cols.strides[1] > cols.strides[0]:   # channel-major columns: a channel-major padded buffer
-        dxpad = scratch("col2im.dxpad", (C, N, H + 2 * ph, W + 2 * pw), cols.dtype).transpose(1, 0, 2, 3)
-    else:
-        dxpad = scratch("col2im.dxpad", (N, C, H + 2 * ph, W + 2 * pw), cols.dtype)
-    dx = np.empty(x_shape, dtype=cols.dtype)
+    dxpad = scratch("col2im.dxpad", (N * C, H + 2 * ph, W + 2 * pw), cols.dtype)
+    src = cols.reshape(N * C, kh, kw, Ho, Wo)
+    dx = np.empty((N * C, H, W), dtype=cols.dtype)
 
-    def add_offsets(a: int, b: int) -> None:  # channels a..b
-        dxpad[:, a:b] = 0
+    def add_offsets(a: int, b: int) -> None:  # planes a..b
+        dxpad[a:b] = 0
         for p in range(kh):
             for q in range(kw):
-                dxpad[:, a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += cols[:, a:b, p, q]
-        dx[:, a:b] = dxpad[:, a:b, ph:ph + H, pw:pw + W]
-    over_planes(C, add_offsets, N * kh * kw * Ho * Wo)
-    return dx
+                dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += src[a:b, p, q]
+        dx[a:b] = dxpad[a:b, ph:ph + H, pw:pw + W]
+    over_planes(N * C, add_offsets, kh * kw * Ho * Wo)
+    return dx.reshape(x_shape)
 
 
 _COL2IM_CUDA = r"""
@@ -143,6 +140,45 @@ def _sum_over_images(a, b):
     return get_array_module(a).matmul(a, b.transpose(0, 2, 1)).sum(axis=0)
 
 
+def _batch_last_cols(x, kernel, stride, padding, dilation, out_hw):
+    """cols[p, q, c, i, j, n] = xpad[c, i*s + p*d, j*s + q*d, n]  -> (kh*kw*C, Ho*Wo*N), for the CPU (ours)
+
+    im2col with the batch innermost: a stride-1 offset copies runs of Wo*N contiguous values
+    (not Wo), which on 2x2-16x16 maps made the copies 2-9x faster (issue 13)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (Ho, Wo) = kernel, stride, padding, dilation, out_hw
+    N, C, H, W = x.shape
+    xpad = scratch("conv.xpad_nlast", (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
+    xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
+    xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
+    cols = scratch("conv.cols", (kh, kw, C, Ho, Wo, N), x.dtype)
+
+    def copy_offsets(a: int, b: int) -> None:  # channels a..b
+        for p in range(kh):
+            for q in range(kw):
+                cols[p, q, a:b] = xpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+    over_planes(C, copy_offsets, N * kh * kw * Ho * Wo)
+    return cols.reshape(kh * kw * C, -1)
+
+
+def _batch_last_col2im(gcols, x_shape, kernel, stride, padding, dilation):
+    """The adjoint of _batch_last_cols, from gcols (kh, kw, C, Ho, Wo, N): strided adds of runs of
+    Wo*N values, then dx back in NCHW."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    N, C, H, W = x_shape
+    Ho, Wo = gcols.shape[3:5]
+    dxpad = scratch("conv.dxpad_nlast", (C, H + 2 * ph, W + 2 * pw, N), gcols.dtype)
+
+    def add_offsets(a: int, b: int) -> None:  # channels a..b
+        dxpad[a:b] = 0
+        for p in range(kh):
+            for q in range(kw):
+                dxpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw] += gcols[p, q, a:b]
+    over_planes(C, add_offsets, N * kh * kw * Ho * Wo)
+    dx = np.empty(x_shape, dtype=gcols.dtype)
+    dx[...] = dxpad[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2)
+    return dx
+
+
 class Conv2dFunction(Function):
     """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
 
@@ -152,7 +188,8 @@ class Conv2dFunction(Function):
     Forward saves x and W, not cols: recomputing cols in backward costs one copy,
     keeping them would cost kh*kw times the input's memory per layer.
     On the CPU, outputs of at most ``fold_max_pixels`` per image fold the batch into the columns instead
-    (ours): cols (C*kh*kw, N*Ho*Wo), y = W @ cols in one GEMM; per-image GEMMs that thin run slowly.
+    (ours): cols (kh*kw*C, Ho*Wo*N) with the batch innermost (_batch_last_cols), y = W @ cols in one
+    GEMM; per-image GEMMs that thin run slowly, and so do copies of rows only Wo long.
     """
     fold_max_pixels = 256  # 16x16 (measured, issue 13: the demo network's 2x2-16x16 maps)
 
@@ -198,36 +235,34 @@ class Conv2dFunction(Function):
                             for a in (0, 1))
         return self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
 
-    def _folded_cols(self, x):  # (C*kh*kw, N*Ho*Wo): im2col into a (C, kh, kw, N, Ho, Wo) buffer
-        kernel = self.w_shape[2:]
-        cols = scratch("conv.cols", (x.shape[1], *kernel, x.shape[0], *self.out_hw), x.dtype)
-        im2col(x, kernel, self.stride, self.padding, self.dilation, out=cols.transpose(3, 0, 1, 2, 4, 5))
-        return cols.reshape(x.shape[1] * kernel[0] * kernel[1], -1)
-
     def _folded_forward(self, x, w, b):
-        N, O = x.shape[0], w.shape[0]
-        y_t = scratch("conv.y_t", (O, N, self.out_hw[0] * self.out_hw[1]), x.dtype)
-        np.matmul(w.reshape(O, -1), self._folded_cols(x), out=y_t.reshape(O, -1))   # one GEMM for the batch
+        N, O, kernel = x.shape[0], w.shape[0], w.shape[2:]
+        cols = _batch_last_cols(x, kernel, self.stride, self.padding, self.dilation, self.out_hw)
+        w2 = w.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C): the rows' order
+        y_t = scratch("conv.y_t", (O, *self.out_hw, N), x.dtype)
+        np.matmul(w2, cols, out=y_t.reshape(O, -1))                     # one GEMM for the batch
         y = np.empty((N, O, *self.out_hw), dtype=x.dtype)
-        y.reshape(N, O, -1)[...] = y_t.transpose(1, 0, 2)
+        y[...] = y_t.transpose(3, 0, 1, 2)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
         return y
 
     def _folded_backward(self, gy):
         x, w = self.x, self.w
-        N, O = gy.shape[:2]
-        gy_t = scratch("conv.gy_t", (O, N, gy.shape[2] * gy.shape[3]), gy.dtype)
-        gy_t[...] = gy.reshape(N, O, -1).transpose(1, 0, 2)
-        gy_t = gy_t.reshape(O, -1)                                      # (O, N*Ho*Wo)
+        N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
+        gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
+        gy_t[...] = gy.transpose(1, 2, 3, 0)
+        gy_t = gy_t.reshape(O, -1)                                      # (O, Ho*Wo*N)
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
-        gw = (gy_t @ self._folded_cols(x).T).reshape(w.shape) if self.needs_input_grad[1] else None
-        gx = None
+        gw = gx = None
+        if self.needs_input_grad[1]:
+            cols = _batch_last_cols(x, kernel, self.stride, self.padding, self.dilation, self.out_hw)
+            gw = np.ascontiguousarray((gy_t @ cols.T).reshape(O, *kernel, -1).transpose(0, 3, 1, 2))
         if self.needs_input_grad[0]:
-            kernel = w.shape[2:]
-            gcols = scratch("conv.gcols", (x.shape[1], *kernel, N, *gy.shape[2:]), gy.dtype)
-            np.matmul(w.reshape(O, -1).T, gy_t, out=gcols.reshape(-1, gy_t.shape[1]))   # dcols, all images
-            gx = col2im(gcols.transpose(3, 0, 1, 2, 4, 5), x.shape, kernel, self.stride, self.padding, self.dilation)
+            gcols = scratch("conv.gcols", (kernel[0] * kernel[1] * x.shape[1], gy_t.shape[1]), gy.dtype)
+            np.matmul(w.transpose(2, 3, 1, 0).reshape(-1, O), gy_t, out=gcols)   # dcols, all images
+            gcols = gcols.reshape(*kernel, x.shape[1], *gy.shape[2:], N)
+            gx = _batch_last_col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
     def backward(self, gy):

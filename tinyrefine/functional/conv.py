@@ -212,8 +212,6 @@ class Conv2dFunction(Function):
         self.x, self.w, self.w_shape, self.has_bias = x, w, w.shape, b is not None
         self.out_hw = x.shape[2:]
         xp = get_array_module(x)
-        if xp is np:
-            threads.get_num_threads()  # BLAS follows the thread count in effect (re-checked every few seconds)
         self.folded = xp is np and self._folds(x.shape, w.shape)
         if self.folded:
             return self._folded_forward(x, w, b)
@@ -329,6 +327,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
             raise ValueError(f"conv2d algorithm={algorithm!r} needs a 3x3 kernel, stride 1 and dilation 1: {refusal} "
                              "(use algorithm='im2col' or 'auto')")
         op = Conv2dWinogradFunction(op.padding, TILE_OF[algorithm])
+    if x.device == "cpu":
+        threads.get_num_threads()  # BLAS follows the thread count in effect (re-checked every few seconds)
     return op(x, weight) if bias is None else op(x, weight, bias)
 
 

@@ -23,33 +23,13 @@ import numpy as np
 
 from .. import functional as F
 from ..engine import Tensor
-from ..nn import BatchNorm2d, Conv2d, Module, ModuleList, ReLU, Sequential
+from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Module, ModuleList, ReLU, Sequential
 from .refinenet import ENCODERS
 from .resnet import ResNet
 
-# DeepLabv3, Sec. 4.1: the ASPP rates are doubled when the output stride halves
+# DeepLabv3, Sec. 3.3: the ASPP rates are doubled when the output stride halves
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 DILATION = {8: [False, True, True], 16: [False, False, True]}
-
-
-class Dropout(Module):
-    """Inverted dropout as a module (a stand-in until nn.Dropout exists): identity in eval mode."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.p, training=self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class GlobalAvgPool(Module):
-    """AdaptiveAvgPool2d(1): the mean over H and W of every channel, (N, C, H, W) -> (N, C, 1, 1)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(axis=(2, 3), keepdims=True)
 
 
 class ASPPConv(Sequential):
@@ -65,7 +45,7 @@ class ASPPPooling(Sequential):
     bilinear upsampling of the 1x1 map back to the input's size (every pixel gets the same vector)."""
 
     def __init__(self, in_channels: int, out_channels: int, rng: Optional[np.random.Generator] = None):
-        super().__init__(GlobalAvgPool(), Conv2d(in_channels, out_channels, 1, bias=False, rng=rng),
+        super().__init__(AdaptiveAvgPool2d(1), Conv2d(in_channels, out_channels, 1, bias=False, rng=rng),
                          BatchNorm2d(out_channels), ReLU())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,7 +57,7 @@ class ASPP(Module):
     """Atrous spatial pyramid pooling: [1x1, 3x3 at each rate, image pooling] -> concat -> 1x1 projection."""
 
     def __init__(self, in_channels: int, rates: Sequence[int], out_channels: int = 256,
-                 rng: Optional[np.random.Generator] = None) -> None:
+                 rng: Optional[np.random.Generator] = None, dropout_rng: Optional[np.random.Generator] = None) -> None:
         branches = [Sequential(Conv2d(in_channels, out_channels, 1, bias=False, rng=rng),
                                BatchNorm2d(out_channels), ReLU())]
         branches += [ASPPConv(in_channels, out_channels, rate, rng=rng) for rate in rates]
@@ -85,7 +65,7 @@ class ASPP(Module):
         self.convs = ModuleList(branches)
         # (N, 256 * 5, H, W) -> (N, 256, H, W); the dropout is torchvision's
         self.project = Sequential(Conv2d(len(branches) * out_channels, out_channels, 1, bias=False, rng=rng),
-                                  BatchNorm2d(out_channels), ReLU(), Dropout(0.5))
+                                  BatchNorm2d(out_channels), ReLU(), Dropout(0.5, dropout_rng))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project(F.concat([branch(x) for branch in self.convs], axis=1))
@@ -95,8 +75,9 @@ class DeepLabHead(Sequential):
     """ASPP, then a 3x3 conv + BN + ReLU and the 1x1 classifier (torchvision's DeepLabHead)."""
 
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (12, 24, 36),
-                 channels: int = 256, rng: Optional[np.random.Generator] = None) -> None:
-        super().__init__(ASPP(in_channels, rates, channels, rng=rng),
+                 channels: int = 256, rng: Optional[np.random.Generator] = None,
+                 dropout_rng: Optional[np.random.Generator] = None) -> None:
+        super().__init__(ASPP(in_channels, rates, channels, rng=rng, dropout_rng=dropout_rng),
                          Conv2d(channels, channels, 3, 1, 1, bias=False, rng=rng), BatchNorm2d(channels), ReLU(),
                          Conv2d(channels, num_classes, 1, rng=rng))
 
@@ -105,10 +86,11 @@ class FCNHead(Sequential):
     """3x3 conv to in/4 channels + BN + ReLU + Dropout(0.1) + 1x1 classifier (torchvision's FCNHead;
     used as the FCN's classifier and as both networks' auxiliary head on layer3)."""
 
-    def __init__(self, in_channels: int, num_classes: int, rng: Optional[np.random.Generator] = None) -> None:
+    def __init__(self, in_channels: int, num_classes: int, rng: Optional[np.random.Generator] = None,
+                 dropout_rng: Optional[np.random.Generator] = None) -> None:
         inter = in_channels // 4
         super().__init__(Conv2d(in_channels, inter, 3, 1, 1, bias=False, rng=rng), BatchNorm2d(inter), ReLU(),
-                         Dropout(0.1), Conv2d(inter, num_classes, 1, rng=rng))
+                         Dropout(0.1, dropout_rng), Conv2d(inter, num_classes, 1, rng=rng))
 
 
 class SegmentationModel(Module):
@@ -169,12 +151,12 @@ class DeepLabV3(SegmentationModel):
                  aspp_rates: Optional[Sequence[int]] = None, multi_grid: Optional[Sequence[int]] = None,
                  aux_loss: bool = False, width: int = 64, aspp_channels: int = 256, freeze_bn: bool = False,
                  seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
+        rng, dropout_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # masks: their own stream
         self.backbone = _backbone(encoder, output_stride, multi_grid, width, freeze_bn, rng)
         rates = tuple(ASPP_RATES[output_stride] if aspp_rates is None else aspp_rates)
         if not rates or min(rates) < 1:
             raise ValueError(f"aspp_rates must be positive integers, got {aspp_rates!r}")
         _, _, c3, c4 = self.backbone.out_channels                # (256, 512, 1024, 2048) for ResNet-50
-        self.classifier = DeepLabHead(c4, num_classes, rates, channels=aspp_channels, rng=rng)
-        self.aux_classifier = FCNHead(c3, num_classes, rng=rng) if aux_loss else None
+        self.classifier = DeepLabHead(c4, num_classes, rates, channels=aspp_channels, rng=rng, dropout_rng=dropout_rng)
+        self.aux_classifier = FCNHead(c3, num_classes, rng=rng, dropout_rng=dropout_rng) if aux_loss else None
         self.num_classes, self.output_stride, self.aspp_rates = num_classes, output_stride, rates

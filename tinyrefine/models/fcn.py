@@ -22,9 +22,9 @@ class FCN(SegmentationModel):
 
     def __init__(self, num_classes: int = 21, encoder: str = "resnet50", aux_loss: bool = False,
                  output_stride: int = 8, width: int = 64, freeze_bn: bool = False, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
+        rng, dropout_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # masks: their own stream
         self.backbone = _backbone(encoder, output_stride, None, width, freeze_bn, rng)
         _, _, c3, c4 = self.backbone.out_channels                # (256, 512, 1024, 2048) for ResNet-50
-        self.classifier = FCNHead(c4, num_classes, rng=rng)      # 2048 -> 512 -> C
-        self.aux_classifier = FCNHead(c3, num_classes, rng=rng) if aux_loss else None
+        self.classifier = FCNHead(c4, num_classes, rng=rng, dropout_rng=dropout_rng)      # 2048 -> 512 -> C
+        self.aux_classifier = FCNHead(c3, num_classes, rng=rng, dropout_rng=dropout_rng) if aux_loss else None
         self.num_classes, self.output_stride = num_classes, output_stride

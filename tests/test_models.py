@@ -246,7 +246,8 @@ def test_two_scale_bad_config_and_input():
 def test_config_is_stored():
     model = tiny(cascade=2, n_crp=3, improved_crp=True, seed=7)
     assert model.config == dict(TINY, n_crp=3, cascade=2, freeze_bn=True, improved_crp=True, shortcuts=True,
-                                long_range=True, crp_relu=True, two_scale=False, zero_init_residual=False, seed=7)
+                                long_range=True, crp_relu=True, two_scale=False, zero_init_residual=False,
+                                dropout=0.0, classifier_kernel=1, input_scale=1.0, seed=7)
     rebuilt = RefineNet(**model.config)
     for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
         np.testing.assert_array_equal(a, b, err_msg=k)

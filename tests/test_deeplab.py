@@ -226,6 +226,7 @@ def test_predict_with_torchvision_weights_needs_no_torch(tmp_path):
     from tinyrefine import cli
     assert cli.main(["predict", "--weights", str(tmp_path / "deeplab.pth"), "--model", "fcn",
                      str(tmp_path / "photo.png")]) == 2     # the file holds a deeplabv3
+    assert cli.main(["evaluate", "--weights", str(tmp_path / "deeplab.pth")]) == 2   # which data set?
 
 
 @pytest.mark.parametrize("model", ["deeplabv3", "fcn"])

@@ -31,7 +31,8 @@ class BatchNorm(Function):
             if M < 2:
                 raise ValueError(f"batch_norm in training needs more than one value per channel, got input {x.shape}")
             mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))
+            centred = x - mean.reshape(shape)                           # kept: it becomes xhat in place
+            var = (centred * centred).mean(axis=(0, 2, 3))
             if self.running_mean is not None:
                 self.running_mean *= 1 - self.momentum
                 self.running_mean += self.momentum * mean.astype(self.running_mean.dtype)
@@ -39,8 +40,10 @@ class BatchNorm(Function):
                 self.running_var += self.momentum * (var * (M / (M - 1))).astype(self.running_var.dtype)
         else:
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+            centred = x - mean.reshape(shape)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
-        xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+        xhat = centred
+        xhat *= inv_std.reshape(shape)
         self.inv_std, self.weight, self.has_affine = inv_std, weight, weight is not None
         # xhat is needed by backward in training, and for the weight's gradient; a frozen
         # BN in eval mode needs neither, and skipping it saves one activation per layer
@@ -48,7 +51,7 @@ class BatchNorm(Function):
         self.xhat = xhat if (self.training or affine_grad) else None
         y = xhat if weight is None else xhat * weight.reshape(shape)
         if bias is not None:
-            y = y + bias.reshape(shape)
+            y = y + bias.reshape(shape) if y is xhat else xp.add(y, bias.reshape(shape), out=y)
         return y
 
     def backward(self, gy):
@@ -56,18 +59,23 @@ class BatchNorm(Function):
         shape = (1, C, 1, 1)
         xhat = self.xhat
         scale = self.inv_std if self.weight is None else self.inv_std * self.weight
-        if self.training:
-            M = gy.size // C
+        sum_gy = sum_gy_xhat = None
+        if self.training or xhat is not None:
             sum_gy = gy.sum(axis=(0, 2, 3))
             sum_gy_xhat = (gy * xhat).sum(axis=(0, 2, 3))
-            gx = (scale / M).reshape(shape) * (M * gy - sum_gy.reshape(shape) - xhat * sum_gy_xhat.reshape(shape))
+        if self.training:  # the formula above, in place: scale * (gy - sum(gy)/M - xhat * sum(gy*xhat)/M)
+            M = gy.size // C
+            gx = xhat * (sum_gy_xhat / -M).reshape(shape)
+            gx += gy
+            gx -= (sum_gy / M).reshape(shape)
+            gx *= scale.reshape(shape)
         else:
             gx = gy * scale.reshape(shape)
         if not self.has_affine:
             return (gx,)
         if xhat is None:  # the affine parameters are frozen
             return gx, None, None
-        return gx, (gy * xhat).sum(axis=(0, 2, 3)), gy.sum(axis=(0, 2, 3))
+        return gx, sum_gy_xhat, sum_gy
 
 
 def batch_norm(x: Tensor, running_mean, running_var, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

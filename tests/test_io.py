@@ -386,6 +386,11 @@ def test_legacy_storage_views_and_malformed_streams(tmp_path):
     ours = load_torch_checkpoint(tmp_path / "view.pth")
     np.testing.assert_array_equal(ours["part"], [3.0, 4.0])
     np.testing.assert_array_equal(ours["whole"], np.arange(6.0))
+    # old torch saved GPU tensors as torch.cuda.<Type>Storage at 'cuda:0': read to the host all the same
+    gpu = _legacy_pickle(torch, {"whole": whole}, {id(root): ("storage", torch.cuda.DoubleStorage, "7", "cuda:0", 6, None)})
+    assert b"torch.cuda" in gpu
+    _legacy_file(tmp_path / "gpu.pth", gpu, ["7"], [(6, data)])
+    np.testing.assert_array_equal(load_torch_checkpoint(tmp_path / "gpu.pth")["whole"], np.arange(6.0))
 
     bad = {
         "header_numel": (obj, ["7"], [(5, data)], "7 should hold 6 elements"),

@@ -213,6 +213,8 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     **{("torch", name): st for name, st in _STORAGE_TYPES.items()},
+    # files saved from a GPU by old torch name the CUDA storage classes: the same dtype tags (read to the host)
+    **{("torch.cuda", name): st for name, st in _STORAGE_TYPES.items()},
 }
 
 

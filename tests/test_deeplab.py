@@ -242,6 +242,8 @@ def test_train_evaluate_predict_with_model_flag(tmp_path, model, capsys):
     assert config["model"] == model and config["output_stride"] == 16
     checkpoint = ["--checkpoint", str(out / "checkpoint.npz")]
     if model == "fcn":
+        assert cli.main(["train", "--model", model, "--two-scale"] + tiny) == 2
+        assert "two_scale apply to --model refinenet only" in capsys.readouterr().err
         return  # evaluate and predict are the same code for both
     assert cli.main(["evaluate", "--model", model] + checkpoint) == 0
     other = "fcn" if model == "deeplabv3" else "deeplabv3"

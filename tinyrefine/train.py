@@ -114,6 +114,13 @@ def build_model(config: TrainConfig, num_classes: int) -> Union[RefineNet, DeepL
     the paper), the FCN head is torchvision's (in/4 channels)."""
     if config.model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {config.model!r}")
+    if config.model != "refinenet":  # RefineNet's own structure options would be silently ignored
+        defaults = TrainConfig()
+        changed = [k for k in ("cascade", "improved_crp", "two_scale", "shortcuts", "long_range", "crp_relu",
+                               "dropout", "classifier_kernel", "input_scale")
+                   if getattr(config, k) != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} apply to --model refinenet only, not {config.model}")
     if config.model == "deeplabv3":
         model = DeepLabV3(num_classes, config.encoder, output_stride=config.output_stride, width=config.encoder_width,
                           aspp_channels=config.features, freeze_bn=config.freeze_bn, seed=config.seed)

@@ -156,10 +156,25 @@ def test_layer_passes_its_algorithm():
     assert rel_err(layer(x).data, expected.data) < 1e-5
 
 
-def test_auto_rule_keeps_im2col_where_winograd_cannot_apply():
-    assert winograd.choose_algorithm((2, 256, 40, 40), (256, 256, 1, 1), (1, 1), (1, 1), "cpu") == "im2col"
-    assert winograd.choose_algorithm((2, 256, 40, 40), (256, 256, 3, 3), (2, 2), (1, 1), "cpu") == "im2col"
-    assert winograd.choose_algorithm((2, 256, 40, 40), (256, 256, 3, 3), (1, 1), (2, 2), "cpu") == "im2col"
+def choose(x_shape, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), device="cpu"):
+    """What auto picks for a C -> C conv, padding 1."""
+    return winograd.choose_algorithm(x_shape, (x_shape[1], x_shape[1], *kernel), stride, (1, 1), dilation, device)
+
+
+def test_auto_rule_follows_its_measurements():
+    assert choose((2, 256, 40, 40), kernel=(1, 1)) == choose((2, 256, 40, 40), stride=(2, 2)) == "im2col"
+    assert choose((2, 256, 40, 40), dilation=(2, 2)) == choose((2, 256, 40, 40), device="cuda") == "im2col"
+    assert choose((2, 256, 40, 40)) == choose((2, 128, 20, 20)) == choose((2, 64, 160, 160)) == "winograd4"
+    assert choose((2, 512, 10, 10)) == choose((2, 64, 20, 20)) == choose((2, 32, 160, 160)) == "im2col"
+
+
+def test_auto_computes_what_it_chose():
+    rng = np.random.default_rng(7)
+    x, w = tr.Tensor(rng.standard_normal((2, 128, 20, 20))), tr.Tensor(rng.standard_normal((128, 128, 3, 3)))
+    assert winograd.choose_algorithm(x.shape, w.shape, (1, 1), (1, 1), (1, 1), "cpu") == "winograd4"
+    auto, winograd4 = (F.conv2d(x, w, padding=1, algorithm=a).data for a in ("auto", "winograd4"))
+    np.testing.assert_array_equal(auto, winograd4)
+    assert rel_err(auto, F.conv2d(x, w, padding=1, algorithm="im2col").data) < 1e-12
 
 
 # --------------------------------------------------------------------------- the CUDA path (GPU or emulator)

@@ -320,7 +320,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
             raise ValueError(f"conv2d kernel {tuple(weight.shape[2:])} with dilation {op.dilation} spans {span} "
                              f"but the padded input is only {padded} ({'HW'[axis]} of input {x.shape}, padding {op.padding})")
     if algorithm == "auto":
-        algorithm = choose_algorithm(x.shape, weight.shape, op.stride, op.dilation, backend.device_of(x.data))
+        algorithm = choose_algorithm(x.shape, weight.shape, op.stride, op.padding, op.dilation, backend.device_of(x.data))
     if algorithm != "im2col":
         refusal = winograd_refusal(weight.shape, op.stride, op.dilation)
         if refusal is not None:

@@ -165,6 +165,7 @@ def test_auto_rule_follows_its_measurements():
     assert choose((2, 256, 40, 40), kernel=(1, 1)) == choose((2, 256, 40, 40), stride=(2, 2)) == "im2col"
     assert choose((2, 256, 40, 40), dilation=(2, 2)) == choose((2, 256, 40, 40), device="cuda") == "im2col"
     assert choose((2, 256, 40, 40)) == choose((2, 128, 20, 20)) == choose((2, 64, 160, 160)) == "winograd4"
+    assert choose((2, 512, 20, 20)) == choose((2, 256, 20, 20)) == choose((1, 256, 32, 32)) == "winograd"
     assert choose((2, 512, 10, 10)) == choose((2, 64, 20, 20)) == choose((2, 32, 160, 160)) == "im2col"
 
 

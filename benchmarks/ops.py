@@ -175,7 +175,7 @@ def main() -> None:
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, numpy=np.__version__, torch=torch.__version__ if torch_ok else None,
+            json.dump(dict(command="python " + " ".join(sys.argv), device=args.device, numpy=np.__version__, torch=torch.__version__ if torch_ok else None,
                            torch_threads=threads, repeat=args.repeat, cores=os.cpu_count(), load_before=load_before,
                            load_after=load_after, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            rows=rows, sweep=sweep), f, indent=1)

@@ -374,21 +374,21 @@ def _conv_label(shape, c_out, k, stride, padding, dilation) -> str:
 def check_conv_flops(conv_flops) -> bool:
     """Notebook 07: ``conv_flops(input_shape, c_out, k, stride, padding, dilation)`` -> FLOPs of a k x k conv
     (2 x multiply-adds, bias left out), as ``summary.count_flops``."""
+    from .functional.common import _out_size
     from .summary import count_flops
 
     def case(shape, c_out, k, stride, padding, dilation):
         def run():
             expected = count_flops(_conv_relu(shape[1], c_out, k, stride, padding, dilation), shape)
             n, c_in, h, w = shape
-            ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-            wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+            ho, wo = _out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding, dilation)
 
             def hint(got, exp):
                 if np.isclose(got, exp / 2):
                     return "count 2 FLOPs per multiply-add (a multiply and an add)"
                 if np.isclose(got, 2 * n * c_out * h * w * c_in * k * k):
                     return "that uses the INPUT size: count one multiply-add per OUTPUT pixel"
-                undilated = ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
+                undilated = _out_size(h, k, stride, padding, 1) * _out_size(w, k, stride, padding, 1)
                 if dilation > 1 and np.isclose(got, 2 * n * c_out * c_in * k * k * undilated):
                     return ("dilation d spreads the kernel over d * (k - 1) + 1 pixels: "
                             "H_out = (H + 2p - d(k-1) - 1) // s + 1")

@@ -13,7 +13,8 @@ process spinning a core, as `python -c "while True: pass"`). Settings: tinyrefin
 library's default), tinyrefine with 1 and 2 threads (set_num_threads), torch's default threads and torch
 with 1 thread. Each (case, load, setting) runs in its own process; time per step is the median over
 --steps steps after one warm-up step, CPU s/step this process's CPU time per step (all its threads).
-Ratios compare settings measured under the same load in this run.
+Ratios compare settings measured under the same load in this run; with --repeat, each setting's
+median run (passes alternate their order, so a load that drifts during the run is shared out).
 """
 from __future__ import annotations
 
@@ -121,7 +122,17 @@ def spawn(args, case: str, setting: str, root: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load_average().split()[0]}
+
+
+def median_run(runs: list) -> dict:
+    """The run with the median s/step of a setting's repeats (an error if any failed), with the load after each."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    chosen = dict(sorted(runs, key=lambda r: r["s"])[(len(runs) - 1) // 2])
+    chosen["load"] = ", ".join(r["load"] for r in runs)
+    return chosen
 
 
 def load_average() -> str:
@@ -135,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default: demo 10, r50 2)")
     parser.add_argument("--r50-size", type=int, default=256)
     parser.add_argument("--compare", metavar="PATH", help="also run this older tinyrefine checkout (auto and 1 thread)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setting (the median is shown)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,7 +160,7 @@ def main() -> None:
     steps_given = args.steps
     print(f"{os.cpu_count()} cores, python {sys.version.split()[0]}, load average at start {load_average()}")
     print(f"{'case':<5} {'load':<5} {'setting':<16} {'threads':>7} {'s/step':>7} {'CPU s/step':>10} "
-          f"{'/torch default':>14} {'/best fixed tinyrefine':>22}  load average after")
+          f"{'/torch default':>14} {'/best fixed tinyrefine':>22}  1-min load after each run")
     for case in args.cases:
         args.steps = steps_given or (10 if case == "demo" else 2)
         for load in args.loads:
@@ -157,10 +169,11 @@ def main() -> None:
                 spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 time.sleep(1.0)
             try:
-                results = {}
-                for setting, root in roots.items():
-                    results[setting] = spawn(args, case, setting, os.path.abspath(root))
-                    results[setting]["load"] = load_average()
+                runs = {setting: [] for setting in roots}
+                for r in range(args.repeat):   # every other pass in reverse order, so drifting load hits all alike
+                    for setting in (list(roots) if r % 2 == 0 else list(roots)[::-1]):
+                        runs[setting].append(spawn(args, case, setting, os.path.abspath(roots[setting])))
+                results = {setting: median_run(rs) for setting, rs in runs.items()}
             finally:
                 if spinner is not None:
                     spinner.kill()

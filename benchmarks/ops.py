@@ -35,6 +35,13 @@ CASES = [
     ("conv1x1 2048->512 @10²", "conv", (2, 2048, 10, 10), dict(c_out=512, k=1, padding=0)),
     ("maxpool5 s1 p2 (4,256,80²)", "maxpool", (4, 256, 80, 80), {}),
     ("bilinear x2 (4,256,40²)", "bilinear", (4, 256, 40, 40), {}),
+    # issue 12's kernels: the pooling matrices, conv_transpose2d = col2im(W^T x), max_unpool2d's sorted scatter
+    ("avgpool3 s2 p1 (4,256,80²)", "avgpool", (4, 256, 80, 80), {}),
+    ("adaptive avg ->1 (4,2048,32²)", "adaptive", (4, 2048, 32, 32), dict(size=1)),
+    ("adaptive avg ->6 (4,512,40²)", "adaptive", (4, 512, 40, 40), dict(size=6)),
+    ("convT4 s2 256->256 @40²", "convT", (2, 256, 40, 40), dict(c_out=256, k=4, stride=2, padding=1)),
+    ("convT16 s8 21->21 @20² (FCN)", "convT", (2, 21, 20, 20), dict(c_out=21, k=16, stride=8, padding=4)),
+    ("maxunpool2 (4,64,80²)->160²", "unpool", (4, 64, 160, 160), {}),
 ]
 
 
@@ -62,6 +69,12 @@ def median_ms(step, sync, repeat: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
+def _leaf(array, requires_grad: bool, device: str):
+    t = tr.Tensor(array).to(device)
+    t.requires_grad = requires_grad
+    return t
+
+
 def tinyrefine_step(kind, x_np, extra, device, algorithm: str = "auto"):
     x = tr.Tensor(x_np, requires_grad=True).to(device)
     x.requires_grad = True
@@ -73,6 +86,8 @@ def tinyrefine_step(kind, x_np, extra, device, algorithm: str = "auto"):
         fn = lambda: F.conv2d(x, w, padding=extra["padding"], algorithm=algorithm)  # noqa: E731
     elif kind == "maxpool":
         fn = lambda: F.max_pool2d(x, 5, 1, 2)  # noqa: E731
+    elif kind in ("avgpool", "adaptive", "convT", "unpool"):
+        fn = _issue12_fn(F, lambda a, grad: _leaf(a, grad, device), kind, x, x_np, extra)
     else:
         fn = lambda: F.interpolate(x, scale_factor=2, align_corners=True)  # noqa: E731
     xp = tr.get_array_module(x.data)
@@ -87,6 +102,24 @@ def tinyrefine_step(kind, x_np, extra, device, algorithm: str = "auto"):
     return step
 
 
+def _issue12_fn(functional, make_tensor, kind, x, x_np, extra):
+    """The step of an issue-12 case, written once for both libraries: ``functional`` is F or
+    torch.nn.functional (same names and arguments); ``make_tensor(array, requires_grad)`` makes a
+    tensor on the benchmark's device."""
+    if kind == "avgpool":
+        return lambda: functional.avg_pool2d(x, 3, 2, 1)
+    if kind == "adaptive":
+        return lambda: functional.adaptive_avg_pool2d(x, extra["size"])
+    if kind == "convT":
+        w = np.random.default_rng(1).standard_normal((x_np.shape[1], extra["c_out"], extra["k"], extra["k"]), dtype=np.float32)
+        w = make_tensor(w * 0.01, True)
+        return lambda: functional.conv_transpose2d(x, w, stride=extra["stride"], padding=extra["padding"])
+    # unpool: indices from a 2x2 max-pool of x (made on the CPU, the same for both), the pooled map as the leaf
+    pooled, indices = F.max_pool2d(tr.Tensor(x_np), 2, 2, return_indices=True)
+    pooled, indices = make_tensor(pooled.data, True), make_tensor(indices.data, False)
+    return lambda: functional.max_unpool2d(pooled, indices, 2, 2)
+
+
 def torch_step(kind, x_np, extra, device):
     import torch
     x = torch.tensor(x_np, device=device, requires_grad=True)
@@ -97,6 +130,9 @@ def torch_step(kind, x_np, extra, device):
         fn = lambda: torch.nn.functional.conv2d(x, w, padding=extra["padding"])  # noqa: E731
     elif kind == "maxpool":
         fn = lambda: torch.nn.functional.max_pool2d(x, 5, 1, 2)  # noqa: E731
+    elif kind in ("avgpool", "adaptive", "convT", "unpool"):
+        fn = _issue12_fn(torch.nn.functional, lambda a, grad: torch.tensor(a, device=device, requires_grad=grad),
+                         kind, x, x_np, extra)
     else:
         fn = lambda: torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)  # noqa: E731
     upstream = None

@@ -312,6 +312,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
                          f"weight {weight.shape} expects {weight.shape[1]}")
     if bias is not None and as_tensor(bias).shape != (weight.shape[0],):
         raise ValueError(f"conv2d bias must have shape ({weight.shape[0]},), got {as_tensor(bias).shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and as_tensor(t).dtype != x.dtype:  # torch refuses too; numpy would promote silently
+            raise TypeError(f"conv2d input is {x.dtype} but its {name} is {as_tensor(t).dtype}; "
+                            "cast one (model.astype(...) or x.astype(...))")
     op = Conv2dFunction(stride, padding, dilation)
     for axis in (0, 1):
         span = op.dilation[axis] * (weight.shape[2 + axis] - 1) + 1

@@ -198,24 +198,27 @@ class Conv2dFunction(Function):
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
 
-    def _cols(self, x):  # (N, C*kh*kw, Ho*Wo); a free view for a 1x1, stride-1, unpadded conv
-        kernel = self.w_shape[2:]
+    def _borrowed_cols(self, x, kernel):
+        """im2col of x as (N, C*kh*kw, Ho*Wo), in a *borrowed* scratch buffer on the CPU: valid until the
+        next conv in this thread, so use it at once and never keep it. A 1x1, stride-1, unpadded conv
+        needs no copy: its columns are x itself."""
         if kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
             return x.reshape(x.shape[0], x.shape[1], -1)
-        out_hw = tuple(_out_size(x.shape[2 + a], kernel[a], self.stride[a], self.padding[a], self.dilation[a]) for a in (0, 1))
-        buffer = scratch("conv.cols", (*x.shape[:2], *kernel, *out_hw), x.dtype) if get_array_module(x) is np else None
+        buffer = scratch("conv.cols", (*x.shape[:2], *kernel, *self.out_hw), x.dtype) if get_array_module(x) is np else None
         cols = im2col(x, kernel, self.stride, self.padding, self.dilation, out=buffer)
-        self.out_hw = out_hw
-        return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+        return cols.reshape(x.shape[0], -1, self.out_hw[0] * self.out_hw[1])
 
     def forward(self, x, w, b=None):
-        self.x, self.w, self.w_shape, self.has_bias = x, w, w.shape, b is not None
-        self.out_hw = x.shape[2:]
+        self.x, self.w, self.has_bias = x, w, b is not None
+        kernel = w.shape[2:]
+        self.out_hw = tuple(_out_size(x.shape[2 + a], kernel[a], self.stride[a], self.padding[a], self.dilation[a])
+                            for a in (0, 1))                            # (Ho, Wo)
         xp = get_array_module(x)
-        self.folded = xp is np and self._folds(x.shape, w.shape)
+        # CPU, small output maps: fold the batch into the GEMM's columns
+        self.folded = xp is np and self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
         if self.folded:
             return self._folded_forward(x, w, b)
-        cols = self._cols(x)                                            # (N, C*kh*kw, Ho*Wo)
+        cols = self._borrowed_cols(x, kernel)                           # (N, C*kh*kw, Ho*Wo)
         w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
         y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
         if xp is np:
@@ -226,12 +229,6 @@ class Conv2dFunction(Function):
         if b is not None:
             y += b.reshape(1, -1, 1)
         return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
-
-    def _folds(self, x_shape, w_shape) -> bool:
-        """CPU, small output maps: fold the batch into the GEMM's columns (sets out_hw)."""
-        self.out_hw = tuple(_out_size(x_shape[2 + a], w_shape[2 + a], self.stride[a], self.padding[a], self.dilation[a])
-                            for a in (0, 1))
-        return self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
 
     def _folded_forward(self, x, w, b):
         N, O, kernel = x.shape[0], w.shape[0], w.shape[2:]
@@ -273,7 +270,7 @@ class Conv2dFunction(Function):
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
         gw = None
         if self.needs_input_grad[1]:
-            cols = self._cols(x)
+            cols = self._borrowed_cols(x, w.shape[2:])
             gw = _sum_over_images(gy2, cols).reshape(w.shape)           # sum_n gy[n] @ cols[n]^T
             del cols  # on CUDA: free before the column gradient of the same size is made
         if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image

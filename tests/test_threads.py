@@ -132,6 +132,8 @@ def test_the_automatic_count_backs_off_for_a_busy_neighbour_and_comes_back(clock
     assert tr.get_num_threads() == 1 and blas_threads() == 1
     clock.advance(threads.RECHECK_SECONDS, own_cores=1, other_cores=5)   # never below 1
     assert tr.get_num_threads() == 1
+    clock.advance(threads.RECHECK_SECONDS, own_cores=1, other_cores=0.4)  # a core 40% used is not free
+    assert tr.get_num_threads() == 1
     clock.advance(threads.RECHECK_SECONDS, own_cores=2, other_cores=0)   # it stopped
     assert tr.get_num_threads() == 2 and blas_threads() == 2
 

@@ -10,7 +10,7 @@ Who decides, first match wins:
   2. the environment: ``TINYREFINE_NUM_THREADS``, then ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
      ``MKL_NUM_THREADS``;
   3. automatic (ours): the cores this process may run on, minus the cores other processes kept
-     busy since the last look, at least 1. Measured from /proc/stat (Linux) less this process's own
+     busy since the last look (a core they used a quarter of is not free), at least 1. Measured from /proc/stat (Linux) less this process's own
      CPU time; elsewhere from the 1-minute load average. Looked at again at most every
      ``RECHECK_SECONDS`` when a kernel asks, so a training run backs off when a neighbour starts.
 
@@ -25,6 +25,7 @@ This is process-wide state on purpose, as torch.set_num_threads is; only the CPU
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ import warnings
 from typing import Iterator, Optional
 
 RECHECK_SECONDS = 2.0        # how often the automatic count looks at the other processes again
+FREE_CORE_MARGIN = 0.25      # others may use this much of a core that still counts as free
 ENV_VARS = ("TINYREFINE_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 _lock = threading.Lock()
@@ -103,12 +105,16 @@ def busy_cores_elsewhere(min_interval: float = 0.1) -> float:
 
 
 def _automatic() -> int:
-    """The free cores, rounded: a neighbour at 100% of one core takes that core."""
+    """The free cores; a core counts as free only if others used under FREE_CORE_MARGIN of it.
+
+    Cautious on purpose (measured, issue 13): on 2 cores a second thread gained 10-50% when both
+    were idle, but a neighbour on either core made 2 threads 3-5x slower than 1."""
     global _auto_threads, _last_check
     now = time.monotonic()
     if _auto_threads is None or now - _last_check >= RECHECK_SECONDS:
         _last_check = now
-        _auto_threads = max(1, min(cores_available(), round(cores_available() - busy_cores_elsewhere())))
+        free = cores_available() - busy_cores_elsewhere()
+        _auto_threads = max(1, min(cores_available(), math.floor(free + FREE_CORE_MARGIN)))
     return _auto_threads
 
 

@@ -117,11 +117,12 @@ class Head(Module):
                  rng: Optional[np.random.Generator] = None, dropout: float = 0.0, classifier_kernel: int = 1,
                  dropout_rng: Optional[np.random.Generator] = None) -> None:
         self.rcus = Sequential(ResidualConvUnit(channels, shortcuts, rng), ResidualConvUnit(channels, shortcuts, rng))
-        self.dropout = Dropout(dropout, dropout_rng)
+        self.dropout = Dropout(dropout, dropout_rng) if dropout else None   # the official code's; off by default
         self.classifier = Conv2d(channels, num_classes, classifier_kernel, 1, classifier_kernel // 2, bias=True, rng=rng)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.rcus(x)))
+        x = self.rcus(x)
+        return self.classifier(self.dropout(x) if self.dropout is not None else x)
 
 
 ENCODERS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -206,7 +207,7 @@ class RefineNet(Module):
         dropout_rng = np.random.default_rng([seed, 1])  # its own stream: the weights' init does not change
         self.head = Head(f, num_classes, shortcuts, rng, dropout, classifier_kernel, dropout_rng)
         # the official code drops out the encoder outputs wider than 512 channels (layer3, layer4 of a ResNet-50+)
-        self.encoder_dropout = Dropout(dropout, dropout_rng)
+        self.encoder_dropout = Dropout(dropout, dropout_rng) if dropout else None
         if zero_init_residual:
             self.zero_init_residual_branches()
 
@@ -235,7 +236,8 @@ class RefineNet(Module):
 
     def decode(self, features: List[Tensor], small: Optional[List[Tensor]] = None) -> Tensor:
         """Encoder features [c1..c4] (and, two_scale, the small encoder's) -> logits at 1/4 resolution."""
-        features = [self.encoder_dropout(c) if c.shape[1] > 512 else c for c in features]
+        if self.encoder_dropout is not None:
+            features = [self.encoder_dropout(c) if c.shape[1] > 512 else c for c in features]
         c1, c2, c3, c4 = features
         if not self.long_range:
             # ablation: cut the gradient of the long-range connections, so the encoder

@@ -2,8 +2,12 @@
 # RefineNet from scratch on voc-small (333 train / 254 val real PASCAL VOC 2012 pairs) on a CPU, then the
 # full-size evaluation with the per-class IoU table. Measured: see the README's "Training on VOC" section.
 #
-#   bash examples/voc.sh            # the recipe: 1500 iterations, about 60 minutes on 2 cores
-#   ITERS=300 bash examples/voc.sh  # a 12-minute look (learns the background only; see the README)
+#   bash examples/voc.sh            # the recipe, 1500 iterations: 86 min of wall time for the training,
+#                                   #   measured on a busy 2-core AMD EPYC (one BLAS thread, load 3-10);
+#                                   #   about 55 min at the 2.2 s/iteration of a quiet core (estimate)
+#   ITERS=300 bash examples/voc.sh  # a shorter look, about 20 min with its evaluations (estimate: 300 x 2.2-2.6
+#                                   #   s/iteration + ~700 images scored at the 0.77 s/image of the measured run);
+#                                   #   it learns the background only (see the README)
 set -euo pipefail
 DATA=${TINYREFINE_DATA:-../shared/data}/voc-small
 ITERS=${ITERS:-1500}

@@ -6,15 +6,14 @@
 #   ITERS=500 bash examples/camvid.sh  # the same for 500 iterations: about 23 min
 #   bash examples/camvid.sh full       # width 64, decoder 256, 224² crops, 1500 iterations: about 9 hours
 #
-# Estimates for one BLAS thread on a 2-core AMD EPYC shared with other jobs (load 1.4-2.5): s/iteration
+# Estimates for one BLAS thread (what the automatic thread count picks on a busy machine; README: Threads)
+# on a 2-core AMD EPYC shared with other jobs (load 1.4-2.5): s/iteration
 # measured over 15 (small) and 3 (full) iterations (2.35 and 21.9 s) times the iterations, plus the
 # evaluations at 0.42 s/image (2.2 with 3 scales + flip). The small run's sizes are the README's camvid-mini
 # row (val mIoU 0.334 there, measured before the warm-up and zero-init defaults). The run prints its own
 # estimate after 20 iterations.
 set -euo pipefail
 DATA=${TINYREFINE_DATA:-../shared/data}/camvid-mini
-# One BLAS thread: with two on a 2-core machine that is busy with anything else, a step took 3x-17x longer.
-export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 if [ "${1:-}" = full ]; then
     OUT=runs/camvid_full
     python -m tinyrefine train --data camvid:$DATA --encoder resnet18 --crop 224 --batch-size 4 \

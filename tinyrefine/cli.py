@@ -18,7 +18,7 @@ DEMO = dict(data="shapes", encoder="resnet18", encoder_width=16, features=32, n_
             eval_every=250, eval_limit=20,
             # the settings its README numbers were measured with (before the warm-up and zero-init defaults)
             zero_init_residual=False, warmup_iters=0)
-# demo --quick: a first look in about 2 minutes (replaces these DEMO values unless given on the command line)
+# demo --quick: a first look in 2-4 minutes (replaces these DEMO values unless given on the command line)
 DEMO_QUICK = dict(iters=600, eval_every=100, out="runs/demo-quick")
 
 
@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyrefine", description="RefineNet from scratch on NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_arguments(sub.add_parser("train", help="train a RefineNet (or --model deeplabv3 | fcn)"), {})
-    demo = sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (about 8 minutes on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (8-18 minutes on 2 CPU cores)")
     _add_train_arguments(demo, DEMO)
     demo.add_argument("--quick", action="store_true",
-                      help=f"a first look: {DEMO_QUICK['iters']} iterations into {DEMO_QUICK['out']} (about 2 minutes)")
+                      help=f"a first look: {DEMO_QUICK['iters']} iterations into {DEMO_QUICK['out']} (2-4 minutes on 2 CPU cores)")
     for name in ("evaluate", "predict"):
         p = sub.add_parser(name, help="mIoU on a validation split" if name == "evaluate" else "segment image files")
         source = p.add_mutually_exclusive_group(required=True)

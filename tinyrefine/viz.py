@@ -86,9 +86,6 @@ def upscale_nearest(array: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(array), int(factor), axis=0), int(factor), axis=1)
 
 
-PREDICTION_PANELS = ("image", "ground truth", "prediction", "overlay")
-
-
 def image_miou(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> float:
     """mIoU of one image: the mean IoU over the classes in its truth or its prediction (``metrics.mean_iou``)."""
     from .metrics import confusion_matrix, mean_iou

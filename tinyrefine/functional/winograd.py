@@ -279,8 +279,9 @@ def choose_algorithm(x_shape: tuple, w_shape: tuple, stride: Tuple[int, int], pa
             (b)  1.02 / 2.13  0.91 / 1.04  0.71 / 0.60      -            -
 
     * re-measured twice at load 1.0 (7 runs each): F(4x4) 0.74 and 0.75; run-to-run noise on this shared
-    machine is +-20%. The cells the rule picks are faster than im2col in every measurement but that one; it
-    leaves small gains elsewhere (F(4x4) at 32 channels, F(2x2) at 256 @ 10x10) to stay simple.
+    machine is +-20%. A second locked run with this rule, at load 1.0-1.8 (notebooks/data/
+    fast_convolution_benchmark.json), put the picked cells at 0.45-0.88, with 64 @ 80x80 and 160x160 at 0.99
+    and 1.00. The rule leaves small gains elsewhere (F(4x4) at 32 channels, F(2x2) at 256 @ 10x10) to stay simple.
     """
     if winograd_refusal(w_shape, stride, dilation) is not None or device != "cpu":
         return "im2col"

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyrefine", description="RefineNet from scratch on NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_arguments(sub.add_parser("train", help="train a RefineNet (or --model deeplabv3 | fcn)"), {})
-    demo = sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (8-18 minutes on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="train and evaluate on the synthetic shapes set (8-16 minutes on 2 CPU cores)")
     _add_train_arguments(demo, DEMO)
     demo.add_argument("--quick", action="store_true",
                       help=f"a first look: {DEMO_QUICK['iters']} iterations into {DEMO_QUICK['out']} (2-4 minutes on 2 CPU cores)")

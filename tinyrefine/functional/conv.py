@@ -292,6 +292,19 @@ class Conv2dFunction(Function):
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 
+def _check_weights(x: Tensor, weight: Tensor, bias, op: str, layout: str, in_axis: int, out_axis: int) -> None:
+    """The checks conv2d and conv_transpose2d share: a 4-D float input, a 4-D weight whose ``in_axis`` is the
+    input's channels, and a bias with one value per output channel (``out_axis`` of the weight)."""
+    _check_input(x, op)
+    if weight.ndim != 4:
+        raise ValueError(f"{op} weight must be 4-D {layout}, got shape {weight.shape}")
+    if x.shape[1] != weight.shape[in_axis]:
+        raise ValueError(f"{op} channel mismatch: input {x.shape} has {x.shape[1]} channels, "
+                         f"weight {weight.shape} expects {weight.shape[in_axis]} (its {('first', 'second')[in_axis]} axis is C_in)")
+    if bias is not None and as_tensor(bias).shape != (weight.shape[out_axis],):
+        raise ValueError(f"{op} bias must have shape ({weight.shape[out_axis]},), got {as_tensor(bias).shape}")
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
            padding: IntPair = 0, dilation: IntPair = 1, algorithm: str = "auto") -> Tensor:
     """2-D convolution (cross-correlation, like torch), NCHW input, weight (C_out, C_in, kH, kW).
@@ -301,14 +314,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
     if algorithm not in ALGORITHMS:
         raise ValueError(f"conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     x, weight = as_tensor(x), as_tensor(weight)
-    _check_input(x, "conv2d")
-    if weight.ndim != 4:
-        raise ValueError(f"conv2d weight must be 4-D (C_out, C_in, kH, kW), got shape {weight.shape}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"conv2d channel mismatch: input {x.shape} has {x.shape[1]} channels, "
-                         f"weight {weight.shape} expects {weight.shape[1]}")
-    if bias is not None and as_tensor(bias).shape != (weight.shape[0],):
-        raise ValueError(f"conv2d bias must have shape ({weight.shape[0]},), got {as_tensor(bias).shape}")
+    _check_weights(x, weight, bias, "conv2d", "(C_out, C_in, kH, kW)", in_axis=1, out_axis=0)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and as_tensor(t).dtype != x.dtype:  # torch refuses too; numpy would promote silently
             raise TypeError(f"conv2d input is {x.dtype} but its {name} is {as_tensor(t).dtype}; "
@@ -412,16 +418,9 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     """Transposed convolution (the adjoint of conv2d), NCHW input, weight (C_in, C_out, kH, kW), torch's arguments
     and output size; groups=1 only."""
     x, weight = as_tensor(x), as_tensor(weight)
-    _check_input(x, "conv_transpose2d")
     if groups != 1:
         raise NotImplementedError(f"conv_transpose2d supports groups=1 only, got groups={groups!r}")
-    if weight.ndim != 4:
-        raise ValueError(f"conv_transpose2d weight must be 4-D (C_in, C_out, kH, kW), got shape {weight.shape}")
-    if x.shape[1] != weight.shape[0]:
-        raise ValueError(f"conv_transpose2d channel mismatch: input {x.shape} has {x.shape[1]} channels, "
-                         f"weight {weight.shape} expects {weight.shape[0]} (its first axis is C_in)")
-    if bias is not None and as_tensor(bias).shape != (weight.shape[1],):
-        raise ValueError(f"conv_transpose2d bias must have shape ({weight.shape[1]},), got {as_tensor(bias).shape}")
+    _check_weights(x, weight, bias, "conv_transpose2d", "(C_in, C_out, kH, kW)", in_axis=0, out_axis=1)
     op = ConvTranspose2dFunction(stride, padding, output_padding, dilation)
     for axis in (0, 1):
         if op.output_padding[axis] >= max(op.stride[axis], op.dilation[axis]):

@@ -16,6 +16,7 @@ IntPair = Union[int, Tuple[int, int]]
 
 
 _plane_pool = None   # (threads, ThreadPoolExecutor), remade when the thread count changes
+PARALLEL_MIN_VALUES = 1 << 20   # smaller jobs run inline: there the threads cost more than they save
 
 
 def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) -> None:
@@ -23,22 +24,29 @@ def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) 
 
     NumPy runs an elementwise loop on one core (torch uses them all); numpy's loops
     release the GIL, so threads over disjoint planes scale, and smaller chunks stay in cache.
-    Small jobs (under ~1M values) run inline: there the threads cost more than they save.
+    Small jobs (under PARALLEL_MIN_VALUES values) run inline.
     BLAS is held at 1 thread meanwhile, so ``work`` may call it without oversubscribing.
     """
-    global _plane_pool
     n_threads = threads.get_num_threads()
-    if n_threads == 1 or n_planes < 2 or n_planes * plane_size < (1 << 20):
+    if n_threads == 1 or n_planes < 2 or n_planes * plane_size < PARALLEL_MIN_VALUES:
         work(0, n_planes)
         return
+    over_ranges(n_planes, work, min(n_planes, n_threads * chunks_per_core), n_threads)
+
+
+def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
+    """``[work(a, b) for each of n_ranges contiguous ranges (a, b) of [0, n_items)]``, run on ``n_threads``
+    pool threads, BLAS held at 1 thread meanwhile; the results in range order (a worker's exception is
+    re-raised here). The caller decides whether the job is worth the threads (see over_planes)."""
+    global _plane_pool
     if _plane_pool is None or _plane_pool[0] != n_threads:
         if _plane_pool is not None:
             _plane_pool[1].shutdown(wait=False)
         _plane_pool = (n_threads, ThreadPoolExecutor(n_threads, thread_name_prefix="tinyrefine"))
-    bounds = np.linspace(0, n_planes, min(n_planes, n_threads * chunks_per_core) + 1).astype(int)
+    bounds = np.linspace(0, n_items, n_ranges + 1).astype(int)
     with threads.blas_single_threaded():
-        for future in [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-            future.result()  # re-raises a worker's exception here
+        futures = [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [future.result() for future in futures]
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:

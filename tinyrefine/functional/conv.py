@@ -8,7 +8,7 @@ import numpy as np
 from .. import backend, threads
 from ..backend import get_array_module
 from ..engine import Function, Tensor, as_tensor
-from .common import IntPair, _check_input, _out_size, _pair, over_planes, scratch
+from .common import IntPair, _check_input, _out_size, _pair, over_planes, over_ranges, scratch
 from .winograd import ALGORITHMS, TILE_OF, Conv2dWinogradFunction, choose_algorithm, winograd_refusal
 
 
@@ -140,24 +140,124 @@ def _sum_over_images(a, b):
     return get_array_module(a).matmul(a, b.transpose(0, 2, 1)).sum(axis=0)
 
 
-def _batch_last_cols(x, kernel, stride, padding, dilation, out_hw):
-    """cols[p, q, c, i, j, n] = xpad[c, i*s + p*d, j*s + q*d, n]  -> (kh*kw*C, Ho*Wo*N), for the CPU (ours)
+# --------------------------------------------------------------------------- the CPU path: output rows in bands
+BAND_BYTES = 1 << 20     # one band's columns: about the L2 cache (1 MiB per core here); measured, issue 13
+MIN_BAND_COLUMNS = 1024  # ...but never so few columns that the band's GEMM runs thin
+PARALLEL_BANDS = 4       # a job worth threads gets at least this many bands (cores to share them: 2 to 16)
+PARALLEL_MIN_MACS = 1 << 26     # smaller GEMMs run inline, BLAS on its own threads (the pool lost on the demo's 16x16 maps)
+CHUNK_RESULTS_BYTES = 32 << 20   # at most this much held in per-chunk sums (the weight gradient's)
 
-    im2col with the batch innermost: a stride-1 offset copies runs of Wo*N contiguous values
-    (not Wo), which on 2x2-16x16 maps made the copies 2-9x faster (issue 13)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (Ho, Wo) = kernel, stride, padding, dilation, out_hw
-    N, C, H, W = x.shape
-    xpad = scratch("conv.xpad_nlast", (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
-    xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
-    xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
-    cols = scratch("conv.cols", (kh, kw, C, Ho, Wo, N), x.dtype)
 
-    def copy_offsets(a: int, b: int) -> None:  # channels a..b
-        for p in range(kh):
-            for q in range(kw):
-                cols[p, q, a:b] = xpad[a:b, p * dh:p * dh + sh * (Ho - 1) + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
-    over_planes(C, copy_offsets, N * kh * kw * Ho * Wo)
+def _padded_images(x, padding, batch_last: bool, role: str) -> list:
+    """x (N, C, H, W) zero-padded into a scratch buffer, as a list of images (C, Hp, Wp, B) for _band_cols:
+    one holding the whole batch innermost (B = N, for small maps), or one per image (B = 1)."""
+    (ph, pw), (N, C, H, W) = padding, x.shape
+    if batch_last:
+        xpad = scratch(role, (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
+        xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
+        xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
+        return [xpad]
+    xpad = scratch(role, (N, C, H + 2 * ph, W + 2 * pw, 1), x.dtype)
+    xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[:, :, :, :pw], xpad[:, :, :, W + pw:] = 0, 0, 0, 0
+    xpad[:, :, ph:ph + H, pw:pw + W, 0] = x
+    return list(xpad)
+
+
+def _band_cols(image, kernel, stride, dilation, rows, Wo):
+    """cols[p, q, c, i, j, b] = image[c, i*s + p*d, j*s + q*d, b] for the output rows i in [i0, i1)
+    -> (kh*kw*C, (i1-i0)*Wo*B): im2col of one band, in this thread's scratch buffer (borrowed)."""
+    (kh, kw), (sh, sw), (dh, dw), (i0, i1) = kernel, stride, dilation, rows
+    C, B = image.shape[0], image.shape[3]
+    cols = scratch("conv.band_cols", (kh, kw, C, i1 - i0, Wo, B), image.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            cols[p, q] = image[:, i0 * sh + p * dh:(i1 - 1) * sh + p * dh + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
     return cols.reshape(kh * kw * C, -1)
+
+
+def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: int, per_band, result_nbytes: int = 0) -> list:
+    """For every band of output rows of every image: per_band(k, (i0, i1), cols), k the image's index and
+    cols its _band_cols. Bands hold about BAND_BYTES of columns, so the copies and the GEMM that reads them
+    stay in cache (the whole im2col of a 64-channel 160x160 map is 59 MB). Where the GEMMs come to
+    PARALLEL_MIN_MACS multiply-adds (out_channels per column value), at least PARALLEL_BANDS bands, in
+    contiguous chunks, run on the pool (each thread with its own buffers, BLAS at 1 thread). Returns each chunk's sum of what per_band returned (None if
+    nothing), in order. Bands and chunks depend on the shapes only, never on the thread count, so a sum over
+    them gives the same bits on 1 or 16 threads; chunks are fewer where each keeps a result_nbytes sum."""
+    (kh, kw), (Ho, Wo) = kernel, out_hw
+    C, B = images[0].shape[0], images[0].shape[3]
+    row_columns, depth = Wo * B, kh * kw * C                           # one output row: its GEMM columns, cols rows
+    min_rows = -(-MIN_BAND_COLUMNS // row_columns)
+    rows = max(min_rows, BAND_BYTES // (depth * row_columns * images[0].itemsize))
+    large = len(images) * Ho * row_columns * depth * out_channels >= PARALLEL_MIN_MACS
+    if large and len(images) * -(-Ho // rows) < PARALLEL_BANDS:          # more bands, none thinner than min_rows
+        rows = max(min_rows, -(-Ho // -(-PARALLEL_BANDS // len(images))))
+    bands = [(k, (i, min(Ho, i + rows))) for k in range(len(images)) for i in range(0, Ho, rows)]
+    n_chunks = min(len(bands), PARALLEL_BANDS * 4, max(1, CHUNK_RESULTS_BYTES // max(1, result_nbytes))) if large else 1
+
+    def run(a: int, b: int):
+        total = None
+        for k, band in bands[a:b]:
+            result = per_band(k, band, _band_cols(images[k], kernel, stride, dilation, band, Wo))
+            if result is not None:
+                total = result if total is None else total.__iadd__(result)
+        return total
+    n_threads = threads.get_num_threads()
+    if n_threads > 1 and n_chunks > 1:
+        return over_ranges(len(bands), run, n_chunks, n_threads)
+    bounds = np.linspace(0, len(bands), n_chunks + 1).astype(int)
+    return [run(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _conv_bands(x, w, padding, stride, dilation, out_hw, batch_last: bool, role: str):
+    """y[n, o, i, j] = sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d], as one GEMM per band:
+    y_band (O, rows*Wo*B) = W (O, kh*kw*C) @ cols_band. Returns y (N, O, Ho, Wo)."""
+    N, O, kernel = x.shape[0], w.shape[0], w.shape[2:]
+    w2 = w.transpose(0, 2, 3, 1).reshape(O, -1)                        # (O, kh*kw*C): the columns' row order
+    images = _padded_images(x, padding, batch_last, role)
+    y = np.empty((N, O, *out_hw), dtype=x.dtype)
+    outs = [scratch("conv.y_t", (O, *out_hw, N), x.dtype)] if batch_last else [y[n][..., None] for n in range(N)]
+
+    def band(k, rows, cols):
+        np.matmul(w2, cols, out=outs[k][:, rows[0]:rows[1]].reshape(O, -1))
+    _over_bands(images, kernel, stride, dilation, out_hw, O, band)
+    if batch_last:
+        y[...] = outs[0].transpose(3, 0, 1, 2)                          # (O, Ho, Wo, N) -> NCHW
+    return y
+
+
+def _conv_weight_grad_bands(x, gy, kernel, padding, stride, dilation, batch_last: bool):
+    """dW[o, c, p, q] = sum_{n,i,j} gy[n, o, i, j] * xpad[n, c, i*s + p*d, j*s + q*d], summed band by band:
+    dW (O, kh*kw*C) += gy_band (O, rows*Wo*B) @ cols_band^T."""
+    N, O, C = gy.shape[0], gy.shape[1], x.shape[1]
+    if batch_last:
+        gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
+        gy_t[...] = gy.transpose(1, 2, 3, 0)
+        gys = [gy_t]
+    else:
+        gys = [gy[n][..., None] for n in range(N)]
+    images = _padded_images(x, padding, batch_last, "conv.xpad")
+    parts = _over_bands(images, kernel, stride, dilation, gy.shape[2:], O,
+                        lambda k, rows, cols: gys[k][:, rows[0]:rows[1]].reshape(O, -1) @ cols.T,
+                        result_nbytes=O * kernel[0] * kernel[1] * C * gy.itemsize)
+    gw = parts[0]
+    for part in parts[1:]:
+        gw += part
+    return np.ascontiguousarray(gw.reshape(O, *kernel, C).transpose(0, 3, 1, 2))
+
+
+def _input_grad_by_conv(gy, w, padding, dilation, batch_last: bool):
+    """A stride-1 conv's input gradient is itself a stride-1 conv (a "full" correlation) of gy with the
+    kernel flipped and its two channel axes swapped:
+        dx[n, c, h, w] = sum_{o,p,q} w[o, c, kh-1-p, kw-1-q] * gypad[n, o, h + p*d, w + q*d],
+    gy padded by d*(k-1) - pad on each side. No col2im (its strided adds ran 2x slower than the copies).
+    Returns None where that padding would be negative (pad > d*(k-1)): col2im handles those."""
+    kernel = w.shape[2:]
+    pad = tuple(dilation[a] * (kernel[a] - 1) - padding[a] for a in (0, 1))
+    if min(pad) < 0:
+        return None
+    w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, kh, kw)
+    H, W = (gy.shape[2 + a] + 2 * pad[a] - dilation[a] * (kernel[a] - 1) for a in (0, 1))
+    return _conv_bands(gy, w_flipped, pad, (1, 1), dilation, (H, W), batch_last, "conv.gypad")
 
 
 def _batch_last_col2im(gcols, x_shape, kernel, stride, padding, dilation):
@@ -182,14 +282,17 @@ def _batch_last_col2im(gcols, x_shape, kernel, stride, padding, dilation):
 class Conv2dFunction(Function):
     """y[n, o, i, j] = b[o] + sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d]
 
-    As GEMMs: y[n] = W (O, C*kh*kw) @ cols[n] (C*kh*kw, Ho*Wo), one per image on the CPU,
-    one batched GEMM for all images on CUDA (a Python loop of small launches would starve the GPU).
-    Backward: dW = sum_n gy[n] @ cols[n]^T, dcols[n] = W^T @ gy[n], dx = col2im(dcols), db = sum gy.
+    As GEMMs: y = W (O, C*kh*kw) @ cols (C*kh*kw, Ho*Wo), cols the im2col of the input.
+    Backward: dW = gy @ cols^T, dcols = W^T @ gy, dx = col2im(dcols), db = sum gy.
     Forward saves x and W, not cols: recomputing cols in backward costs one copy,
     keeping them would cost kh*kw times the input's memory per layer.
-    On the CPU, outputs of at most ``fold_max_pixels`` per image fold the batch into the columns instead
-    (ours): cols (kh*kw*C, Ho*Wo*N) with the batch innermost (_batch_last_cols), y = W @ cols in one
-    GEMM; per-image GEMMs that thin run slowly, and so do copies of rows only Wo long.
+
+    On CUDA: one batched GEMM over the whole im2col (a Python loop of small launches would starve the GPU).
+    On the CPU (ours, issue 13) the output rows go in bands (_over_bands): each band's columns are made and
+    consumed while they sit in cache, and bands run on all cores, so no 9x-sized im2col buffer is ever
+    written. Maps of at most ``fold_max_pixels`` per image fold the batch into the columns instead (batch
+    innermost): per-image GEMMs that thin run slowly, and so do copies of rows only Wo long. For stride 1
+    the input gradient is a conv of gy with the flipped kernel (_input_grad_by_conv), so no col2im either.
     """
     fold_max_pixels = 256  # 16x16 (measured, issue 13: the demo network's 2x2-16x16 maps)
 
@@ -199,14 +302,15 @@ class Conv2dFunction(Function):
         self.dilation = _pair(dilation, "dilation", 1)
 
     def _borrowed_cols(self, x, kernel):
-        """im2col of x as (N, C*kh*kw, Ho*Wo), in a *borrowed* scratch buffer on the CPU: valid until the
-        next conv in this thread, so use it at once and never keep it. A 1x1, stride-1, unpadded conv
-        needs no copy: its columns are x itself."""
-        if kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+        """im2col of x as (N, C*kh*kw, Ho*Wo). A 1x1, stride-1, unpadded conv needs no copy: its columns are
+        x itself. Otherwise (CUDA only) a fresh array."""
+        if self._one_by_one(kernel):
             return x.reshape(x.shape[0], x.shape[1], -1)
-        buffer = scratch("conv.cols", (*x.shape[:2], *kernel, *self.out_hw), x.dtype) if get_array_module(x) is np else None
-        cols = im2col(x, kernel, self.stride, self.padding, self.dilation, out=buffer)
+        cols = im2col(x, kernel, self.stride, self.padding, self.dilation)
         return cols.reshape(x.shape[0], -1, self.out_hw[0] * self.out_hw[1])
+
+    def _one_by_one(self, kernel) -> bool:
+        return kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_bias = x, w, b is not None
@@ -216,80 +320,68 @@ class Conv2dFunction(Function):
         xp = get_array_module(x)
         # CPU, small output maps: fold the batch into the GEMM's columns
         self.folded = xp is np and self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
-        if self.folded:
-            return self._folded_forward(x, w, b)
-        cols = self._borrowed_cols(x, kernel)                           # (N, C*kh*kw, Ho*Wo)
-        w2 = w.reshape(w.shape[0], -1)                                  # (O, C*kh*kw)
-        y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
-        if xp is np:
-            for n in range(x.shape[0]):  # one GEMM per image (faster than numpy's broadcast matmul)
-                np.matmul(w2, cols[n], out=y[n])
+        if xp is np and (self.folded or not self._one_by_one(kernel)):
+            y = _conv_bands(x, w, self.padding, self.stride, self.dilation, self.out_hw, self.folded, "conv.xpad")
         else:
-            xp.matmul(w2, cols, out=y)                                  # one batched GEMM
-        if b is not None:
-            y += b.reshape(1, -1, 1)
-        return y.reshape(x.shape[0], w.shape[0], *self.out_hw)
-
-    def _folded_forward(self, x, w, b):
-        N, O, kernel = x.shape[0], w.shape[0], w.shape[2:]
-        cols = _batch_last_cols(x, kernel, self.stride, self.padding, self.dilation, self.out_hw)
-        w2 = w.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C): the rows' order
-        y_t = scratch("conv.y_t", (O, *self.out_hw, N), x.dtype)
-        np.matmul(w2, cols, out=y_t.reshape(O, -1))                     # one GEMM for the batch
-        y = np.empty((N, O, *self.out_hw), dtype=x.dtype)
-        y[...] = y_t.transpose(3, 0, 1, 2)
+            cols = self._borrowed_cols(x, kernel)                       # (N, C*kh*kw, Ho*Wo)
+            w2 = w.reshape(w.shape[0], -1)                              # (O, C*kh*kw)
+            y = xp.empty((x.shape[0], w.shape[0], cols.shape[2]), dtype=x.dtype)
+            if xp is np:
+                for n in range(x.shape[0]):  # 1x1 on the CPU: one GEMM per image, on BLAS's threads
+                    np.matmul(w2, cols[n], out=y[n])
+            else:
+                xp.matmul(w2, cols, out=y)                              # one batched GEMM
+            y = y.reshape(x.shape[0], w.shape[0], *self.out_hw)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
         return y
 
-    def _folded_backward(self, gy):
-        x, w = self.x, self.w
-        N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
-        gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
-        gy_t[...] = gy.transpose(1, 2, 3, 0)
-        gy_t = gy_t.reshape(O, -1)                                      # (O, Ho*Wo*N)
-        gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
-        gw = gx = None
-        if self.needs_input_grad[1]:
-            cols = _batch_last_cols(x, kernel, self.stride, self.padding, self.dilation, self.out_hw)
-            gw = np.ascontiguousarray((gy_t @ cols.T).reshape(O, *kernel, -1).transpose(0, 3, 1, 2))
-        if self.needs_input_grad[0]:
-            gcols = scratch("conv.gcols", (kernel[0] * kernel[1] * x.shape[1], gy_t.shape[1]), gy.dtype)
-            np.matmul(w.transpose(2, 3, 1, 0).reshape(-1, O), gy_t, out=gcols)   # dcols, all images
-            gcols = gcols.reshape(*kernel, x.shape[1], *gy.shape[2:], N)
-            gx = _batch_last_col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
-        return (gx, gw, gb) if self.has_bias else (gx, gw)
-
     def backward(self, gy):
-        if self.folded:
-            return self._folded_backward(gy)
         x, w = self.x, self.w
         xp = get_array_module(gy)
-        N, O = gy.shape[:2]
-        gy2 = gy.reshape(N, O, -1)                                      # (N, O, Ho*Wo)
+        N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
-        gw = None
+        banded = xp is np and (self.folded or not self._one_by_one(kernel))
+        gw = gx = None
         if self.needs_input_grad[1]:
-            cols = self._borrowed_cols(x, w.shape[2:])
-            gw = _sum_over_images(gy2, cols).reshape(w.shape)           # sum_n gy[n] @ cols[n]^T
-            del cols  # on CUDA: free before the column gradient of the same size is made
-        if not self.needs_input_grad[0]:  # e.g. the first conv, fed by the image
-            return (None, gw, gb) if self.has_bias else (None, gw)
-        kernel, w_t = w.shape[2:], w.reshape(O, -1).T                   # (C*kh*kw, O)
-        one_by_one = kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+            if banded:
+                gw = _conv_weight_grad_bands(x, gy, kernel, self.padding, self.stride, self.dilation, self.folded)
+            else:
+                gw = _sum_over_images(gy.reshape(N, O, -1), self._borrowed_cols(x, kernel)).reshape(w.shape)
+        if self.needs_input_grad[0]:  # not for the first conv, fed by the image
+            if banded and self.stride == (1, 1):
+                gx = _input_grad_by_conv(gy, w, self.padding, self.dilation, self.folded)
+            if gx is None:
+                gx = self._input_grad_by_col2im(gy)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+    def _input_grad_by_col2im(self, gy):
+        """dcols = W^T @ gy, then dx = col2im(dcols): strided convs (and pads wider than the kernel)."""
+        x, w = self.x, self.w
+        xp = get_array_module(gy)
+        N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
+        if self.folded:
+            gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
+            gy_t[...] = gy.transpose(1, 2, 3, 0)
+            gcols = scratch("conv.gcols", (kernel[0] * kernel[1] * x.shape[1], gy_t[0].size), gy.dtype)
+            np.matmul(w.transpose(2, 3, 1, 0).reshape(-1, O), gy_t.reshape(O, -1), out=gcols)   # all images
+            gcols = gcols.reshape(*kernel, x.shape[1], *gy.shape[2:], N)
+            return _batch_last_col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
+        gy2, w_t = gy.reshape(N, O, -1), w.reshape(O, -1).T             # (N, O, Ho*Wo), (C*kh*kw, O)
         shape = (N, w_t.shape[0], gy2.shape[2])
-        gcols = xp.empty(shape, dtype=gy.dtype) if (one_by_one or xp is not np) else scratch("conv.gcols", shape, gy.dtype)
+        if self._one_by_one(kernel):
+            gcols = xp.empty(shape, dtype=gy.dtype)
+        else:
+            gcols = scratch("conv.gcols", shape, gy.dtype) if xp is np else xp.empty(shape, dtype=gy.dtype)
         if xp is np:
             for n in range(N):
                 np.matmul(w_t, gy2[n], out=gcols[n])                    # dcols = W^T @ gy[n]
         else:
             xp.matmul(w_t, gy2, out=gcols)                              # one batched GEMM
-        if one_by_one:
-            gx = gcols.reshape(x.shape)
-        else:
-            gcols = gcols.reshape(N, x.shape[1], kernel[0], kernel[1], *gy.shape[2:])
-            gx = col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
-        return (gx, gw, gb) if self.has_bias else (gx, gw)
+        if self._one_by_one(kernel):
+            return gcols.reshape(x.shape)
+        gcols = gcols.reshape(N, x.shape[1], kernel[0], kernel[1], *gy.shape[2:])
+        return col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
 
 
 def _check_weights(x: Tensor, weight: Tensor, bias, op: str, layout: str, in_axis: int, out_axis: int) -> None:

@@ -164,9 +164,11 @@ def choose(x_shape, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), device="cpu")
 def test_auto_rule_follows_its_measurements():
     assert choose((2, 256, 40, 40), kernel=(1, 1)) == choose((2, 256, 40, 40), stride=(2, 2)) == "im2col"
     assert choose((2, 256, 40, 40), dilation=(2, 2)) == choose((2, 256, 40, 40), device="cuda") == "im2col"
-    assert choose((2, 256, 40, 40)) == choose((2, 128, 20, 20)) == choose((2, 64, 160, 160)) == "winograd4"
+    assert choose((2, 256, 40, 40)) == choose((2, 128, 20, 20)) == choose((2, 64, 40, 40)) == "winograd4"
+    assert choose((2, 128, 80, 80)) == choose((2, 64, 20, 20)) == "winograd4"
     assert choose((2, 512, 20, 20)) == choose((2, 256, 20, 20)) == choose((1, 256, 32, 32)) == "winograd"
-    assert choose((2, 512, 10, 10)) == choose((2, 64, 20, 20)) == choose((2, 32, 160, 160)) == "im2col"
+    assert choose((2, 512, 10, 10)) == choose((2, 32, 160, 160)) == choose((2, 32, 40, 40)) == "im2col"
+    assert choose((2, 64, 80, 80)) == choose((2, 64, 160, 160)) == "im2col"     # banded im2col stays in cache
 
 
 def test_auto_computes_what_it_chose():

@@ -257,34 +257,37 @@ def choose_algorithm(x_shape: tuple, w_shape: tuple, stride: Tuple[int, int], pa
     """The rule behind ``algorithm='auto'``: Winograd where it was measured faster than im2col, else im2col.
 
     Winograd saves GEMM work (2.25x for F(2x2), 4x for F(4x4)) but adds transforms whose cost does not shrink
-    with the channel count, and its GEMMs are (O x C) @ (C x tiles): few tiles make thin, slow GEMMs. With
-    T = the number of 4x4 output tiles (batch 2 at 20x20: 50; at 40x40: 200) and C' = min(C, O):
-    F(4x4) when T >= 200 and C' >= 64, or 50 <= T < 200 and 128 <= C' < 256; F(2x2) (twice the tiles) when
-    50 <= T < 200 and C' >= 256; im2col otherwise, and on CUDA, where no GPU timing has been made (ours).
+    with the channel count, and its GEMMs are (O x C) @ (C x tiles): few tiles make thin, slow GEMMs; many
+    tiles make transforms that no longer fit in cache, while im2col runs in cache-sized bands (conv.py).
+    With T = the number of 4x4 output tiles (batch 2 at 20x20: 50; at 40x40: 200; at 80x80: 800) and
+    C' = min(C, O): F(2x2) when C' >= 256 and 50 <= T < 200; F(4x4) when C' >= 128 and T >= 50 otherwise,
+    or 64 <= C' < 128 and 50 <= T <= 200; im2col everywhere else, and on CUDA, where no GPU timing has been
+    made (ours).
 
-    Measured (ours; 2-core Haswell, OpenBLAS 0.3.31, numpy 2.4; conv fwd+bwd, float32, batch 2, C -> C, pad 1;
-    time relative to im2col, < 1 is faster; F(2x2) / F(4x4)). (a) CPU time with one BLAS thread, as training
-    runs use; (b) wall clock, 2 threads, ``benchmarks/ops.py --sweep`` under the shared lock at load 2.4-2.6:
+    Measured (ours; 2-core AMD EPYC (Zen 3) VM, OpenBLAS 0.3.31, numpy 2.4; banded im2col; conv fwd+bwd,
+    float32, batch 2, C -> C, pad 1, 2 threads, wall clock; ``benchmarks/ops.py --only conv3x3 --sweep``, load
+    0.8-1.5, median of 3; time relative to im2col, < 1 is faster; F(2x2) / F(4x4)):
 
-        C   map: 10x10        20x20        40x40        80x80        160x160
-        32  (a)  1.56 / 2.37  0.98 / 1.12  1.13 / 0.91  1.39 / 1.11  1.52 / 0.87
-            (b)  1.70 / 2.54  1.21 / 1.39  1.21 / 1.23  1.31 / 0.91  1.38 / 1.01
-        64  (a)  1.09 / 1.73  0.92 / 1.00  1.11 / 0.93  1.20 / 0.79  1.33 / 0.81
-            (b)  1.17 / 1.74  0.98 / 1.28  0.94 / 0.80  1.17 / 1.16* 1.02 / 0.84
-        128 (a)  1.02 / 1.53  0.91 / 0.78  1.13 / 0.63  1.01 / 0.69      -
-            (b)  1.16 / 1.64  0.94 / 0.85  1.03 / 0.80  1.01 / 0.80      -
-        256 (a)  0.91 / 1.42  0.77 / 0.76  0.80 / 0.62  0.91 / 0.65      -
-            (b)  0.91 / 1.49  0.71 / 0.78  0.81 / 0.69  0.86 / 0.72      -
-        512 (a)  0.97 / 1.70  0.67 / 0.75  0.68 / 0.57      -            -
-            (b)  1.02 / 2.13  0.91 / 1.04  0.71 / 0.60      -            -
+        C    map: 10x10        20x20        40x40        80x80        160x160
+        32        1.04 / 1.65  0.93 / 1.10  0.96 / 0.84  1.46 / 1.00  1.87 / 1.47
+        64        1.51 / 2.06  0.84 / 0.84  0.86 / 0.78  1.38 / 1.14  1.40 / 1.05
+        128       1.03 / 1.61  0.53 / 0.54  0.98 / 0.70  1.15 / 0.76      -
+        256       0.87 / 1.98  0.76 / 0.82  0.87 / 0.71  0.87 / 0.65      -
+        512       0.98 / 1.81  0.89 / 0.90  0.65 / 0.58      -            -
 
-    * re-measured twice at load 1.0 (7 runs each): F(4x4) 0.74 and 0.75; run-to-run noise on this shared
-    machine is +-20%. A second locked run with this rule, at load 1.0-1.8 (notebooks/data/
-    fast_convolution_benchmark.json), put the picked cells at 0.45-0.88, with 64 @ 80x80 and 160x160 at 0.99
-    and 1.00. The rule leaves small gains elsewhere (F(4x4) at 32 channels, F(2x2) at 256 @ 10x10) to stay simple.
+    Single cells move by +-20% from run to run on this shared machine; the rule follows the pattern and
+    leaves small gains elsewhere (F(4x4) at 32 channels @ 40x40, F(2x2) at 256 @ 10x10) to stay simple.
     """
     if winograd_refusal(w_shape, stride, dilation) is not None or device != "cpu":
         return "im2col"
+    out_hw = [_out_size(x_shape[2 + i], 3, 1, padding[i]) for i in (0, 1)]
+    tiles = x_shape[0] * -(-out_hw[0] // 4) * -(-out_hw[1] // 4)
+    channels = min(x_shape[1], w_shape[0])
+    if channels >= 256 and 50 <= tiles < 200:
+        return "winograd"
+    if (channels >= 128 and tiles >= 50) or (channels >= 64 and 50 <= tiles <= 200):
+        return "winograd4"
+    return "im2col"
     out_hw = [_out_size(x_shape[2 + i], 3, 1, padding[i]) for i in (0, 1)]
     tiles = x_shape[0] * -(-out_hw[0] // 4) * -(-out_hw[1] // 4)
     channels = min(x_shape[1], w_shape[0])

@@ -43,10 +43,16 @@ def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
         if _plane_pool is not None:
             _plane_pool[1].shutdown(wait=False)
         _plane_pool = (n_threads, ThreadPoolExecutor(n_threads, thread_name_prefix="tinyrefine"))
-    bounds = np.linspace(0, n_items, n_ranges + 1).astype(int)
+    bounds = [n_items * i // n_ranges for i in range(n_ranges + 1)]
     with threads.blas_single_threaded():
-        futures = [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        return [future.result() for future in futures]
+        futures = [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+        try:
+            first = work(bounds[0], bounds[1])   # this thread takes the first range: one hand-off fewer
+        except BaseException:
+            for future in futures:               # never leave workers writing into the caller's arrays
+                future.exception()
+            raise
+        return [first] + [future.result() for future in futures]
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:

@@ -1,6 +1,7 @@
 """Thread counts (tinyrefine/threads.py): who decides, BLAS follows, no BLAS threads inside pool workers,
 the automatic choice backs off for busy cores. Behaviour only: no timings."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,11 +79,9 @@ def test_pool_workers_run_blas_on_one_thread():
     with tr.num_threads(2):
         F.over_planes(8, work, plane_size=1 << 20)
         assert blas_threads() == 2                          # restored for the caller
-    assert len(seen) == 8
-    names = sorted(name for name, _ in seen)
+    assert len(seen) == 8                                            # every range once
     caller = threading.current_thread().name
-    assert names.count(caller) == 1                                  # the caller takes the first range itself
-    assert all(name.startswith("tinyrefine") for name in names if name != caller)   # the rest ran in the pool
+    assert {name for name, _ in seen} <= {caller} | {f"tinyrefine_{i}" for i in range(8)}   # the caller and the pool
     assert {n for _, n in seen} == {1}                             # BLAS at one thread in all of them
 
 
@@ -165,3 +164,20 @@ def test_convolutions_give_the_same_result_on_one_and_two_threads():
         double = run()
     for a, b in zip(single, double):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)   # BLAS may sum in another order on 2 threads
+
+
+def test_over_ranges_covers_every_range_once_in_order_and_reraises():
+    from tinyrefine.functional.common import over_ranges
+    with tr.num_threads(2):
+        assert over_ranges(10, lambda a, b: list(range(a, b)), 4, 2) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+        finished = []
+
+        def work(a, b):
+            if a == 0:
+                raise ValueError("range 0 failed")
+            finished.append(a)
+        with pytest.raises(ValueError, match="range 0 failed"):
+            over_ranges(6, work, 6, 2)
+        count = len(finished)
+        time.sleep(0.05)
+        assert len(finished) == count and len(set(finished)) == count   # no worker still running, none ran twice

@@ -1,6 +1,7 @@
 """What the kernels share: argument checks, output sizes, the thread pool over planes, scratch buffers."""
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import weakref
@@ -35,24 +36,35 @@ def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) 
 
 
 def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
-    """``[work(a, b) for each of n_ranges contiguous ranges (a, b) of [0, n_items)]``, run on ``n_threads``
-    pool threads, BLAS held at 1 thread meanwhile; the results in range order (a worker's exception is
-    re-raised here). The caller decides whether the job is worth the threads (see over_planes)."""
+    """``[work(a, b) for each of n_ranges contiguous ranges (a, b) of [0, n_items)]`` on ``n_threads`` threads:
+    the caller and n_threads - 1 pool workers each take the next range not yet taken until none is left (a
+    slow core takes fewer), BLAS held at 1 thread meanwhile. The results in range order; a worker's exception
+    is re-raised here, once every thread has stopped. The caller decides whether the job is worth the threads
+    (see over_planes)."""
     global _plane_pool
     if _plane_pool is None or _plane_pool[0] != n_threads:
         if _plane_pool is not None:
             _plane_pool[1].shutdown(wait=False)
-        _plane_pool = (n_threads, ThreadPoolExecutor(n_threads, thread_name_prefix="tinyrefine"))
+        _plane_pool = (n_threads, ThreadPoolExecutor(max(1, n_threads - 1), thread_name_prefix="tinyrefine"))
     bounds = [n_items * i // n_ranges for i in range(n_ranges + 1)]
+    results = [None] * n_ranges
+    next_range = itertools.count()   # next() on a count is atomic under the GIL: each range is taken once
+
+    def take_ranges() -> None:
+        for i in iter(next_range.__next__, None):
+            if i >= n_ranges:
+                return
+            results[i] = work(bounds[i], bounds[i + 1])
     with threads.blas_single_threaded():
-        futures = [_plane_pool[1].submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+        workers = [_plane_pool[1].submit(take_ranges) for _ in range(min(n_threads, n_ranges) - 1)]
         try:
-            first = work(bounds[0], bounds[1])   # this thread takes the first range: one hand-off fewer
-        except BaseException:
-            for future in futures:               # never leave workers writing into the caller's arrays
-                future.exception()
-            raise
-        return [first] + [future.result() for future in futures]
+            take_ranges()
+        finally:   # a worker not yet started is dropped (waking a thread can cost 0.1-0.3 ms); the rest are
+            errors = [w.exception() for w in workers if not w.cancel()]   # waited for: never left writing into our arrays
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:

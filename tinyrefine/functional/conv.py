@@ -157,10 +157,14 @@ def _padded_images(x, padding, batch_last: bool, role: str) -> list:
         xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
         xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
         return [xpad]
-    xpad = scratch(role, (N, C, H + 2 * ph, W + 2 * pw, 1), x.dtype)
-    xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[:, :, :, :pw], xpad[:, :, :, W + pw:] = 0, 0, 0, 0
-    xpad[:, :, ph:ph + H, pw:pw + W, 0] = x
-    return list(xpad)
+    xpad = scratch(role, (N * C, H + 2 * ph, W + 2 * pw), x.dtype)
+    src = x.reshape(N * C, H, W)
+
+    def pad_planes(a: int, b: int) -> None:  # planes a..b, on all cores (a serial copy was 10% of a 64 @ 160x160 conv)
+        xpad[a:b, :ph], xpad[a:b, H + ph:], xpad[a:b, :, :pw], xpad[a:b, :, W + pw:] = 0, 0, 0, 0
+        xpad[a:b, ph:ph + H, pw:pw + W] = src[a:b]
+    over_planes(N * C, pad_planes, xpad[0].size)
+    return list(xpad.reshape(N, C, H + 2 * ph, W + 2 * pw, 1))
 
 
 def _band_cols(image, kernel, stride, dilation, rows, Wo):

@@ -195,6 +195,8 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
     large = len(images) * Ho * row_columns * depth * out_channels >= PARALLEL_MIN_MACS
     if large and len(images) * -(-Ho // rows) < PARALLEL_BANDS:          # more bands, none thinner than min_rows
         rows = max(min_rows, -(-Ho // -(-PARALLEL_BANDS // len(images))))
+    if not large and Ho * row_columns * depth * images[0].itemsize <= 4 * BAND_BYTES:
+        rows = Ho   # a small job in one piece: there each band's overhead cost 3-6% more than the cache saved
     bands = [(k, (i, min(Ho, i + rows))) for k in range(len(images)) for i in range(0, Ho, rows)]
     n_chunks = min(len(bands), PARALLEL_BANDS * 4, max(1, CHUNK_RESULTS_BYTES // max(1, result_nbytes))) if large else 1
 

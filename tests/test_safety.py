@@ -182,6 +182,10 @@ def test_kernels_refuse_mixed_float_dtypes():
     x = Tensor(np.ones((1, 2, 4, 4), np.float64))
     with pytest.raises(TypeError, match="conv2d.*float64.*float32"):
         F.conv2d(x, Tensor(np.ones((2, 2, 3, 3), np.float32)))
+    with pytest.raises(TypeError, match="conv_transpose2d input is float64 but its weight is float32"):
+        F.conv_transpose2d(x, Tensor(np.ones((2, 3, 3, 3), np.float32)))
+    with pytest.raises(TypeError, match="conv_transpose2d input is float64 but its bias is float32"):
+        F.conv_transpose2d(x, Tensor(np.ones((2, 3, 3, 3))), Tensor(np.ones(3, np.float32)))
 
 
 # --------------------------------------------------------------------------- 9. interpolate's scale factor

@@ -392,7 +392,7 @@ class Conv2dFunction(Function):
 
 def _check_weights(x: Tensor, weight: Tensor, bias, op: str, layout: str, in_axis: int, out_axis: int) -> None:
     """The checks conv2d and conv_transpose2d share: a 4-D float input, a 4-D weight whose ``in_axis`` is the
-    input's channels, and a bias with one value per output channel (``out_axis`` of the weight)."""
+    input's channels, a bias with one value per output channel (``out_axis`` of the weight), all one dtype."""
     _check_input(x, op)
     if weight.ndim != 4:
         raise ValueError(f"{op} weight must be 4-D {layout}, got shape {weight.shape}")
@@ -401,6 +401,10 @@ def _check_weights(x: Tensor, weight: Tensor, bias, op: str, layout: str, in_axi
                          f"weight {weight.shape} expects {weight.shape[in_axis]} (its {('first', 'second')[in_axis]} axis is C_in)")
     if bias is not None and as_tensor(bias).shape != (weight.shape[out_axis],):
         raise ValueError(f"{op} bias must have shape ({weight.shape[out_axis]},), got {as_tensor(bias).shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and as_tensor(t).dtype != x.dtype:  # torch refuses too; numpy would promote silently
+            raise TypeError(f"{op} input is {x.dtype} but its {name} is {as_tensor(t).dtype}; "
+                            "cast one (model.astype(...) or x.astype(...))")
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -413,10 +417,6 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
         raise ValueError(f"conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     x, weight = as_tensor(x), as_tensor(weight)
     _check_weights(x, weight, bias, "conv2d", "(C_out, C_in, kH, kW)", in_axis=1, out_axis=0)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and as_tensor(t).dtype != x.dtype:  # torch refuses too; numpy would promote silently
-            raise TypeError(f"conv2d input is {x.dtype} but its {name} is {as_tensor(t).dtype}; "
-                            "cast one (model.astype(...) or x.astype(...))")
     op = Conv2dFunction(stride, padding, dilation)
     for axis in (0, 1):
         span = op.dilation[axis] * (weight.shape[2 + axis] - 1) + 1

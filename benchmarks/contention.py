@@ -9,7 +9,7 @@ ran the demo step 5.6x slower than one thread. Cases (float32, random data, SGD 
   demo: the README demo's network (ResNet-18 width 16, decoder 32, n_crp 2, BN trained), batch 8, 64x64
   r50:  benchmarks/train_step.py's RefineNet-ResNet-50 (n_crp 4, frozen BN), batch 2, --r50-size
 Loads: "alone" (whatever else runs on the machine: the load average is printed) and "busy" (plus one
-process spinning a core, as `python -c "while True: pass"`). Settings: tinyrefine automatic (the
+process spinning a core, as `python -c "while True: pass"`, until this script ends). Settings: tinyrefine automatic (the
 library's default), tinyrefine with 1 and 2 threads (set_num_threads), torch's default threads and torch
 with 1 thread. Each (case, load, setting) runs in its own process; time per step is the median over
 --steps steps after one warm-up step, CPU s/step this process's CPU time per step (all its threads).
@@ -35,6 +35,8 @@ DEMO = dict(num_classes=4, encoder="resnet18", encoder_width=16, features=32, n_
 R50 = dict(num_classes=21, encoder="resnet50", n_crp=4, cascade=4, freeze_bn=True)   # train_step.py's CONFIG
 LR, MOMENTUM = 1e-3, 0.9
 SETTINGS = ["tinyrefine auto", "tinyrefine 1", "tinyrefine 2", "torch default", "torch 1"]
+# the busy process: spins one core until its parent is gone (a killed run must not leave a spinner behind)
+SPINNER = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
 
 
 def case_shape(case: str, r50_size: int):
@@ -166,7 +168,7 @@ def main() -> None:
         for load in args.loads:
             spinner = None
             if load == "busy":
-                spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                spinner = subprocess.Popen([sys.executable, "-c", SPINNER])
                 time.sleep(1.0)
             try:
                 runs = {setting: [] for setting in roots}

@@ -172,6 +172,8 @@ def _band_cols(image, kernel, stride, dilation, rows, Wo):
     -> (kh*kw*C, (i1-i0)*Wo*B): im2col of one band, in this thread's scratch buffer (borrowed)."""
     (kh, kw), (sh, sw), (dh, dw), (i0, i1) = kernel, stride, dilation, rows
     C, B = image.shape[0], image.shape[3]
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):                               # 1x1, stride 1: the image is its own columns
+        return image[:, i0:i1].reshape(C, -1)
     cols = scratch("conv.band_cols", (kh, kw, C, i1 - i0, Wo, B), image.dtype)
     for p in range(kh):
         for q in range(kw):
@@ -261,7 +263,7 @@ def _input_grad_by_conv(gy, w, padding, dilation, batch_last: bool):
     pad = tuple(dilation[a] * (kernel[a] - 1) - padding[a] for a in (0, 1))
     if min(pad) < 0:
         return None
-    w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, kh, kw)
+    w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)             # (C, O, kh, kw), a view: copied only if needed
     H, W = (gy.shape[2 + a] + 2 * pad[a] - dilation[a] * (kernel[a] - 1) for a in (0, 1))
     return _conv_bands(gy, w_flipped, pad, (1, 1), dilation, (H, W), batch_last, "conv.gypad")
 

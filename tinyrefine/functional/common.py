@@ -35,6 +35,11 @@ def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) 
     over_ranges(n_planes, work, min(n_planes, n_threads * chunks_per_core), n_threads)
 
 
+def range_bounds(n_items: int, n_ranges: int) -> list:
+    """Where n_ranges contiguous ranges of [0, n_items) start and end, as even as whole numbers allow."""
+    return [n_items * i // n_ranges for i in range(n_ranges + 1)]
+
+
 def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
     """``[work(a, b) for each of n_ranges contiguous ranges (a, b) of [0, n_items)]`` on ``n_threads`` threads:
     the caller and n_threads - 1 pool workers each take the next range not yet taken until none is left (a
@@ -46,7 +51,7 @@ def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
         if _plane_pool is not None:
             _plane_pool[1].shutdown(wait=False)
         _plane_pool = (n_threads, ThreadPoolExecutor(max(1, n_threads - 1), thread_name_prefix="tinyrefine"))
-    bounds = [n_items * i // n_ranges for i in range(n_ranges + 1)]
+    bounds = range_bounds(n_items, n_ranges)
     results = [None] * n_ranges
     next_range = itertools.count()   # next() on a count is atomic under the GIL: each range is taken once
 

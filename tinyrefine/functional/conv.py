@@ -8,7 +8,7 @@ import numpy as np
 from .. import backend, threads
 from ..backend import get_array_module
 from ..engine import Function, Tensor, as_tensor
-from .common import IntPair, _check_input, _out_size, _pair, over_planes, over_ranges, scratch
+from .common import IntPair, _check_input, _out_size, _pair, over_planes, over_ranges, range_bounds, scratch
 from .winograd import ALGORITHMS, TILE_OF, Conv2dWinogradFunction, choose_algorithm, winograd_refusal
 
 
@@ -212,7 +212,7 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
     n_threads = threads.get_num_threads()
     if n_threads > 1 and n_chunks > 1:
         return over_ranges(len(bands), run, n_chunks, n_threads)
-    bounds = np.linspace(0, len(bands), n_chunks + 1).astype(int)
+    bounds = range_bounds(len(bands), n_chunks)                        # the same chunks as over_ranges makes
     return [run(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 

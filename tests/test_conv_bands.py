@@ -99,3 +99,22 @@ def test_bands_are_cut_from_the_shapes_not_the_thread_count(monkeypatch):
             F.conv2d(tr.Tensor(x), tr.Tensor(w), padding=1, algorithm="im2col")
     first, second = seen[:len(seen) // 2], seen[len(seen) // 2:]
     assert sorted(first) == sorted(second) and len(set(first)) > 1     # several bands, the same on 1 and 2 threads
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation", GEOMETRIES)
+@pytest.mark.parametrize("fold", [False, True])
+def test_bands_match_torch_forward_and_backward(x_shape, w_shape, stride, padding, dilation, fold, tiny_bands,
+                                                monkeypatch):
+    """The same banded paths against torch's conv2d (float64): output, input and weight gradients."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(Conv2dFunction, "fold_max_pixels", 10 ** 9 if fold else 0)
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    ours = F.conv2d(tr.Tensor(x), tr.Tensor(w), None, stride, padding, dilation)
+    gy = rng.standard_normal(ours.shape)
+    y, gx, gw = run(x, w, (stride, padding, dilation), gy, 2)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = torch.nn.functional.conv2d(xt, wt, None, stride, padding, dilation)
+    yt.backward(torch.tensor(gy))
+    for name, a, b in (("y", y, yt), ("dx", gx, xt.grad), ("dW", gw, wt.grad)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-10, err_msg=name)

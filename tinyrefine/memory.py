@@ -5,9 +5,8 @@ Three caches outlive a training step, each for speed:
   to the largest layer seen (~600 MB after one RefineNet-101 step at 512x512);
 - interpolation tables: the bilinear matrices per (size, dtype, device), small;
 - CuPy's memory pool (device): freed arrays' blocks, kept for reuse.
-``empty_cache()`` releases all three (as ``torch.cuda.empty_cache()`` does the last). train(),
-evaluate() and predict() call it when they return; call it yourself after ``del model`` in a
-notebook. Nothing is lost: the next call simply allocates again.
+``empty_cache()`` releases all three (as ``torch.cuda.empty_cache()`` does the last). train()
+calls it when it returns; call it yourself after ``del model`` in a notebook. Nothing is lost: the next call simply allocates again.
 """
 from __future__ import annotations
 

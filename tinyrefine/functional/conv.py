@@ -23,11 +23,7 @@ def im2col(x, kernel, stride, padding, dilation, out=None):
     xp = get_array_module(x)
     if xp is not np:
         return _im2col_cuda(x, kernel, stride, padding, dilation, Ho, Wo)
-    xpad = x
-    if ph or pw:
-        xpad = scratch("im2col.xpad", (N, C, H + 2 * ph, W + 2 * pw), x.dtype)
-        xpad[:, :, :ph], xpad[:, :, H + ph:], xpad[..., :pw], xpad[..., W + pw:] = 0, 0, 0, 0
-        xpad[:, :, ph:ph + H, pw:pw + W] = x
+    xpad = _zero_padded(x, padding, "im2col.xpad")
     cols = np.empty((N, C, kh, kw, Ho, Wo), dtype=x.dtype) if out is None else out
     src, dst = xpad.reshape(N * C, *xpad.shape[2:]), cols.reshape(N * C, kh, kw, Ho, Wo)
 
@@ -148,6 +144,22 @@ PARALLEL_MIN_MACS = 1 << 26     # smaller GEMMs run inline, BLAS on its own thre
 CHUNK_RESULTS_BYTES = 32 << 20   # at most this much held in per-chunk sums (the weight gradient's)
 
 
+def _zero_padded(x, padding, role: str):
+    """x (N, C, H, W) zero-padded into a scratch buffer (N, C, H + 2ph, W + 2pw), plane ranges on all cores
+    (a serial copy was 10% of a 64 @ 160x160 conv); x itself where there is no padding."""
+    (ph, pw), (N, C, H, W) = padding, x.shape
+    if not (ph or pw):
+        return x
+    xpad = scratch(role, (N * C, H + 2 * ph, W + 2 * pw), x.dtype)
+    src = x.reshape(N * C, H, W)
+
+    def pad_planes(a: int, b: int) -> None:  # planes a..b
+        xpad[a:b, :ph], xpad[a:b, H + ph:], xpad[a:b, :, :pw], xpad[a:b, :, W + pw:] = 0, 0, 0, 0
+        xpad[a:b, ph:ph + H, pw:pw + W] = src[a:b]
+    over_planes(N * C, pad_planes, xpad[0].size)
+    return xpad.reshape(N, C, H + 2 * ph, W + 2 * pw)
+
+
 def _padded_images(x, padding, batch_last: bool, role: str) -> list:
     """x (N, C, H, W) zero-padded into a scratch buffer, as a list of images (C, Hp, Wp, B) for _band_cols:
     one holding the whole batch innermost (B = N, for small maps), or one per image (B = 1)."""
@@ -157,14 +169,7 @@ def _padded_images(x, padding, batch_last: bool, role: str) -> list:
         xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
         xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
         return [xpad]
-    xpad = scratch(role, (N * C, H + 2 * ph, W + 2 * pw), x.dtype)
-    src = x.reshape(N * C, H, W)
-
-    def pad_planes(a: int, b: int) -> None:  # planes a..b, on all cores (a serial copy was 10% of a 64 @ 160x160 conv)
-        xpad[a:b, :ph], xpad[a:b, H + ph:], xpad[a:b, :, :pw], xpad[a:b, :, W + pw:] = 0, 0, 0, 0
-        xpad[a:b, ph:ph + H, pw:pw + W] = src[a:b]
-    over_planes(N * C, pad_planes, xpad[0].size)
-    return list(xpad.reshape(N, C, H + 2 * ph, W + 2 * pw, 1))
+    return list(_zero_padded(x, padding, role)[..., None])
 
 
 def _band_cols(image, kernel, stride, dilation, rows, Wo):
@@ -186,8 +191,8 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
     cols its _band_cols. Bands hold about BAND_BYTES of columns, so the copies and the GEMM that reads them
     stay in cache (the whole im2col of a 64-channel 160x160 map is 59 MB). Where the GEMMs come to
     PARALLEL_MIN_MACS multiply-adds (out_channels per column value), at least PARALLEL_BANDS bands, in
-    contiguous chunks, run on the pool (each thread with its own buffers, BLAS at 1 thread). Returns each chunk's sum of what per_band returned (None if
-    nothing), in order. Bands and chunks depend on the shapes only, never on the thread count, so a sum over
+    contiguous chunks, run on the pool (each thread with its own buffers, BLAS at 1 thread). Returns each
+    chunk's sum of what per_band returned (None if nothing), in order. Bands and chunks depend on the shapes only, never on the thread count, so a sum over
     them gives the same bits on 1 or 16 threads; chunks are fewer where each keeps a result_nbytes sum."""
     (kh, kw), (Ho, Wo) = kernel, out_hw
     C, B = images[0].shape[0], images[0].shape[3]
@@ -206,8 +211,10 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
         total = None
         for k, band in bands[a:b]:
             result = per_band(k, band, _band_cols(images[k], kernel, stride, dilation, band, Wo))
-            if result is not None:
-                total = result if total is None else total.__iadd__(result)
+            if total is None:
+                total = result
+            elif result is not None:
+                total += result
         return total
     n_threads = threads.get_num_threads()
     if n_threads > 1 and n_chunks > 1:
@@ -269,8 +276,8 @@ def _input_grad_by_conv(gy, w, padding, dilation, batch_last: bool):
 
 
 def _batch_last_col2im(gcols, x_shape, kernel, stride, padding, dilation):
-    """The adjoint of _batch_last_cols, from gcols (kh, kw, C, Ho, Wo, N): strided adds of runs of
-    Wo*N values, then dx back in NCHW."""
+    """The adjoint of the batch-innermost im2col (_band_cols of a _padded_images(..., batch_last=True) image),
+    from gcols (kh, kw, C, Ho, Wo, N): strided adds of runs of Wo*N values, then dx back in NCHW."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     N, C, H, W = x_shape
     Ho, Wo = gcols.shape[3:5]
@@ -328,7 +335,8 @@ class Conv2dFunction(Function):
         xp = get_array_module(x)
         # CPU, small output maps: fold the batch into the GEMM's columns
         self.folded = xp is np and self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
-        if xp is np and (self.folded or not self._one_by_one(kernel)):
+        self.banded = xp is np and (self.folded or not self._one_by_one(kernel))   # else: batched / per-image GEMMs
+        if self.banded:
             y = _conv_bands(x, w, self.padding, self.stride, self.dilation, self.out_hw, self.folded, "conv.xpad")
         else:
             cols = self._borrowed_cols(x, kernel)                       # (N, C*kh*kw, Ho*Wo)
@@ -349,15 +357,14 @@ class Conv2dFunction(Function):
         xp = get_array_module(gy)
         N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
-        banded = xp is np and (self.folded or not self._one_by_one(kernel))
         gw = gx = None
         if self.needs_input_grad[1]:
-            if banded:
+            if self.banded:
                 gw = _conv_weight_grad_bands(x, gy, kernel, self.padding, self.stride, self.dilation, self.folded)
             else:
                 gw = _sum_over_images(gy.reshape(N, O, -1), self._borrowed_cols(x, kernel)).reshape(w.shape)
         if self.needs_input_grad[0]:  # not for the first conv, fed by the image
-            if banded and self.stride == (1, 1):
+            if self.banded and self.stride == (1, 1):
                 gx = _input_grad_by_conv(gy, w, self.padding, self.dilation, self.folded)
             if gx is None:
                 gx = self._input_grad_by_col2im(gy)

@@ -288,11 +288,3 @@ def choose_algorithm(x_shape: tuple, w_shape: tuple, stride: Tuple[int, int], pa
     if (channels >= 128 and tiles >= 50) or (channels >= 64 and 50 <= tiles <= 200):
         return "winograd4"
     return "im2col"
-    out_hw = [_out_size(x_shape[2 + i], 3, 1, padding[i]) for i in (0, 1)]
-    tiles = x_shape[0] * -(-out_hw[0] // 4) * -(-out_hw[1] // 4)
-    channels = min(x_shape[1], w_shape[0])
-    if tiles >= 200 and channels >= 64:
-        return "winograd4"
-    if tiles >= 50 and channels >= 128:
-        return "winograd" if channels >= 256 else "winograd4"
-    return "im2col"

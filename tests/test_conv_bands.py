@@ -18,6 +18,12 @@ GEOMETRIES = [  # (x shape, weight shape, stride, padding, dilation)
     ((1, 2, 10, 10), (3, 2, 7, 7), 2, 3, 1),
     ((3, 4, 6, 5), (5, 4, 1, 1), 1, 0, 1),
     ((2, 2, 5, 7), (3, 2, 2, 3), (1, 2), (0, 1), 1),
+    # strided convs read phase-split images (space-to-depth): phases of unequal length, dilation across
+    # phases, a stride wider than the kernel (phases never read), padding wider than a phase
+    ((2, 3, 9, 8), (2, 3, 3, 3), 2, 2, 2),
+    ((1, 2, 10, 11), (3, 2, 2, 2), 3, 1, 1),
+    ((2, 4, 7, 6), (3, 4, 1, 1), 2, 0, 1),
+    ((1, 2, 5, 5), (2, 2, 3, 3), 2, 4, 1),
 ]
 
 

@@ -160,29 +160,82 @@ def _zero_padded(x, padding, role: str):
     return xpad.reshape(N, C, H + 2 * ph, W + 2 * pw)
 
 
-def _padded_images(x, padding, batch_last: bool, role: str) -> list:
-    """x (N, C, H, W) zero-padded into a scratch buffer, as a list of images (C, Hp, Wp, B) for _band_cols:
-    one holding the whole batch innermost (B = N, for small maps), or one per image (B = 1)."""
-    (ph, pw), (N, C, H, W) = padding, x.shape
-    if batch_last:
+def _padded_images(x, padding, stride, kernel, dilation, batch_last: bool, role: str, x_t=None) -> list:
+    """x (N, C, H, W) zero-padded into a scratch buffer, as a list of images (C, sh, sw, Hq, Wq, B) for
+    _band_cols: one holding the whole batch innermost (B = N, for small maps), or one per image (B = 1).
+    ``x_t``: x already batch-last (C, H, W, N).
+
+    Strided convs get the padded image split into its stride phases (space-to-depth, ours, issue 13):
+        image[c, a, b, i, j] = xpad[c, a + i*sh, b + j*sw],
+    so that every kernel tap reads unit-stride rows of one phase (a tap of a stride-2 conv read every other
+    value). Only the phases some tap of ``kernel`` (with ``dilation``) reads are filled: a 1x1 stride-2 conv
+    reads one of four. Stride 1 is the one phase, xpad itself."""
+    (ph, pw), (sh, sw), (N, C, H, W) = padding, stride, x.shape
+    per_image = batch_last and x_t is None and W >= 2 * N   # then numpy's inner loop runs along a row, not across N
+    source = x if not batch_last else x_t if x_t is not None else x.transpose(1, 2, 3, 0)
+    if (sh, sw) == (1, 1):                                              # the common case, kept lean (small maps)
+        if not batch_last:
+            return list(_zero_padded(x, padding, role)[:, :, None, None, :, :, None])
         xpad = scratch(role, (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
         xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
-        xpad[:, ph:ph + H, pw:pw + W] = x.transpose(1, 2, 3, 0)
-        return [xpad]
-    return list(_zero_padded(x, padding, role)[..., None])
+        if per_image:
+            for n in range(N):
+                xpad[:, ph:ph + H, pw:pw + W, n] = x[n]
+        else:
+            xpad[:, ph:ph + H, pw:pw + W] = source
+        return [xpad[:, None, None]]
+    Hq, Wq = -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)          # rows and columns of each phase
+    out = scratch(role, (1, C, sh, sw, Hq, Wq, N) if batch_last else (N, C, sh, sw, Hq, Wq, 1), x.dtype)
+    read_a = sorted({p * dilation[0] % sh for p in range(kernel[0])})
+    read_b = sorted({q * dilation[1] % sw for q in range(kernel[1])})
+    phases = [(a, b, *_phase_span(a, sh, ph, H, Hq), *_phase_span(b, sw, pw, W, Wq)) for a in read_a for b in read_b]
+
+    def fill(c0: int, c1: int) -> None:  # channels c0..c1, every phase read: zero border, then the strided copy
+        for a, b, i0, i1, h0, j0, j1, w0 in phases:
+            dst = out[:, c0:c1, a, b]                                   # (lead, c, Hq, Wq, B)
+            dst[:, :, :i0], dst[:, :, i1:], dst[:, :, :, :j0], dst[:, :, :, j1:] = 0, 0, 0, 0
+            if i1 == i0 or j1 == j0:
+                continue
+            rows, cols = slice(h0, h0 + sh * (i1 - i0 - 1) + 1, sh), slice(w0, w0 + sw * (j1 - j0 - 1) + 1, sw)
+            if not batch_last:
+                dst[:, :, i0:i1, j0:j1, 0] = source[:, c0:c1, rows, cols]
+            elif not per_image:
+                dst[0, :, i0:i1, j0:j1] = source[c0:c1, rows, cols]
+            else:
+                for n in range(N):
+                    dst[0, :, i0:i1, j0:j1, n] = x[n, c0:c1, rows, cols]
+    over_planes(C, fill, out[0, 0].size * out.shape[0])
+    return list(out)
+
+
+def _phase_span(a: int, s: int, pad: int, size: int, n_phase: int):
+    """Phase a of a padded axis (every s-th value from a): the phase indices [i0, i1) that hold input values
+    (the rest is padding) and the input index h0 of the first: xpad[a + i*s] = x[a + i*s - pad]."""
+    i0 = max(0, -(-(pad - a) // s))
+    i1 = min(n_phase, (size - 1 + pad - a) // s + 1)
+    return i0, max(i0, i1), a + i0 * s - pad
 
 
 def _band_cols(image, kernel, stride, dilation, rows, Wo):
-    """cols[p, q, c, i, j, b] = image[c, i*s + p*d, j*s + q*d, b] for the output rows i in [i0, i1)
-    -> (kh*kw*C, (i1-i0)*Wo*B): im2col of one band, in this thread's scratch buffer (borrowed)."""
+    """cols[p, q, c, i, j, b] = xpad[c, i*s + p*d, j*s + q*d, b] for the output rows i in [i0, i1)
+    -> (kh*kw*C, (i1-i0)*Wo*B): im2col of one band, in this thread's scratch buffer (borrowed).
+    From the phase image: tap p reads phase (p*d) % s from row i + (p*d) // s on, one unit-stride block per tap."""
     (kh, kw), (sh, sw), (dh, dw), (i0, i1) = kernel, stride, dilation, rows
-    C, B = image.shape[0], image.shape[3]
-    if (kh, kw, sh, sw) == (1, 1, 1, 1):                               # 1x1, stride 1: the image is its own columns
-        return image[:, i0:i1].reshape(C, -1)
+    C, B = image.shape[0], image.shape[-1]
+    if (kh, kw) == (1, 1) and image.shape[4] == Wo:                   # 1x1: the (0, 0) phase is its own columns
+        return image[:, 0, 0, i0:i1].reshape(C, -1)
     cols = scratch("conv.band_cols", (kh, kw, C, i1 - i0, Wo, B), image.dtype)
+    if (sh, sw) == (1, 1):                                              # one phase: the taps slide over it
+        image = image[:, 0, 0]
+        for p in range(kh):
+            for q in range(kw):
+                cols[p, q] = image[:, i0 + p * dh:i1 + p * dh, q * dw:q * dw + Wo]
+        return cols.reshape(kh * kw * C, -1)
     for p in range(kh):
+        a, di = (p * dh) % sh, (p * dh) // sh
         for q in range(kw):
-            cols[p, q] = image[:, i0 * sh + p * dh:(i1 - 1) * sh + p * dh + 1:sh, q * dw:q * dw + sw * (Wo - 1) + 1:sw]
+            b, dj = (q * dw) % sw, (q * dw) // sw
+            cols[p, q] = image[:, a, b, i0 + di:i1 + di, dj:dj + Wo]
     return cols.reshape(kh * kw * C, -1)
 
 
@@ -195,7 +248,7 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
     chunk's sum of what per_band returned (None if nothing), in order. Bands and chunks depend on the shapes only, never on the thread count, so a sum over
     them gives the same bits on 1 or 16 threads; chunks are fewer where each keeps a result_nbytes sum."""
     (kh, kw), (Ho, Wo) = kernel, out_hw
-    C, B = images[0].shape[0], images[0].shape[3]
+    C, B = images[0].shape[0], images[0].shape[-1]
     row_columns, depth = Wo * B, kh * kw * C                           # one output row: its GEMM columns, cols rows
     min_rows = -(-MIN_BAND_COLUMNS // row_columns)
     rows = max(min_rows, BAND_BYTES // (depth * row_columns * images[0].itemsize))
@@ -223,14 +276,14 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
     return [run(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _conv_bands(x, w, padding, stride, dilation, out_hw, batch_last: bool, role: str):
+def _conv_bands(images: list, w, stride, dilation, out_hw, batch_last: bool):
     """y[n, o, i, j] = sum_{c,p,q} w[o, c, p, q] * xpad[n, c, i*s + p*d, j*s + q*d], as one GEMM per band:
-    y_band (O, rows*Wo*B) = W (O, kh*kw*C) @ cols_band. Returns y (N, O, Ho, Wo)."""
-    N, O, kernel = x.shape[0], w.shape[0], w.shape[2:]
+    y_band (O, rows*Wo*B) = W (O, kh*kw*C) @ cols_band, images from _padded_images. Returns y (N, O, Ho, Wo)."""
+    N = images[0].shape[-1] if batch_last else len(images)
+    O, kernel = w.shape[0], w.shape[2:]
     w2 = w.transpose(0, 2, 3, 1).reshape(O, -1)                        # (O, kh*kw*C): the columns' row order
-    images = _padded_images(x, padding, batch_last, role)
-    y = np.empty((N, O, *out_hw), dtype=x.dtype)
-    outs = [scratch("conv.y_t", (O, *out_hw, N), x.dtype)] if batch_last else [y[n][..., None] for n in range(N)]
+    y = np.empty((N, O, *out_hw), dtype=w.dtype)
+    outs = [scratch("conv.y_t", (O, *out_hw, N), w.dtype)] if batch_last else [y[n][..., None] for n in range(N)]
 
     def band(k, rows, cols):
         np.matmul(w2, cols, out=outs[k][:, rows[0]:rows[1]].reshape(O, -1))
@@ -240,17 +293,23 @@ def _conv_bands(x, w, padding, stride, dilation, out_hw, batch_last: bool, role:
     return y
 
 
-def _conv_weight_grad_bands(x, gy, kernel, padding, stride, dilation, batch_last: bool):
-    """dW[o, c, p, q] = sum_{n,i,j} gy[n, o, i, j] * xpad[n, c, i*s + p*d, j*s + q*d], summed band by band:
-    dW (O, kh*kw*C) += gy_band (O, rows*Wo*B) @ cols_band^T."""
-    N, O, C = gy.shape[0], gy.shape[1], x.shape[1]
-    if batch_last:
-        gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
-        gy_t[...] = gy.transpose(1, 2, 3, 0)
-        gys = [gy_t]
+def _batch_last(a, role: str):
+    """a (N, C, H, W) as (C, H, W, N) in a scratch buffer: the folded path's layout. Image by image where rows
+    are long beside N, so numpy's inner loop runs along an image, not across N (6-10x faster at N=2)."""
+    a_t = scratch(role, (*a.shape[1:], a.shape[0]), a.dtype)
+    if a.shape[3] >= 2 * a.shape[0]:
+        for n in range(a.shape[0]):
+            a_t[..., n] = a[n]
     else:
-        gys = [gy[n][..., None] for n in range(N)]
-    images = _padded_images(x, padding, batch_last, "conv.xpad")
+        a_t[...] = a.transpose(1, 2, 3, 0)
+    return a_t
+
+
+def _conv_weight_grad_bands(images: list, gy, gy_t, kernel, stride, dilation):
+    """dW[o, c, p, q] = sum_{n,i,j} gy[n, o, i, j] * xpad[n, c, i*s + p*d, j*s + q*d], summed band by band:
+    dW (O, kh*kw*C) += gy_band (O, rows*Wo*B) @ cols_band^T. gy_t: gy batch-last (folded), else None."""
+    N, O, C = gy.shape[0], gy.shape[1], images[0].shape[0]
+    gys = [gy_t] if gy_t is not None else [gy[n][..., None] for n in range(N)]
     parts = _over_bands(images, kernel, stride, dilation, gy.shape[2:], O,
                         lambda k, rows, cols: gys[k][:, rows[0]:rows[1]].reshape(O, -1) @ cols.T,
                         result_nbytes=O * kernel[0] * kernel[1] * C * gy.itemsize)
@@ -260,19 +319,21 @@ def _conv_weight_grad_bands(x, gy, kernel, padding, stride, dilation, batch_last
     return np.ascontiguousarray(gw.reshape(O, *kernel, C).transpose(0, 3, 1, 2))
 
 
-def _input_grad_by_conv(gy, w, padding, dilation, batch_last: bool):
+def _input_grad_by_conv(gy, gy_t, w, padding, dilation):
     """A stride-1 conv's input gradient is itself a stride-1 conv (a "full" correlation) of gy with the
     kernel flipped and its two channel axes swapped:
         dx[n, c, h, w] = sum_{o,p,q} w[o, c, kh-1-p, kw-1-q] * gypad[n, o, h + p*d, w + q*d],
     gy padded by d*(k-1) - pad on each side. No col2im (its strided adds ran 2x slower than the copies).
-    Returns None where that padding would be negative (pad > d*(k-1)): col2im handles those."""
+    gy_t: gy batch-last (the folded path), else None. Returns None where that padding would be negative
+    (pad > d*(k-1)): col2im handles those."""
     kernel = w.shape[2:]
     pad = tuple(dilation[a] * (kernel[a] - 1) - padding[a] for a in (0, 1))
     if min(pad) < 0:
         return None
     w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)             # (C, O, kh, kw), a view: copied only if needed
     H, W = (gy.shape[2 + a] + 2 * pad[a] - dilation[a] * (kernel[a] - 1) for a in (0, 1))
-    return _conv_bands(gy, w_flipped, pad, (1, 1), dilation, (H, W), batch_last, "conv.gypad")
+    images = _padded_images(gy, pad, (1, 1), kernel, dilation, gy_t is not None, "conv.gypad", x_t=gy_t)
+    return _conv_bands(images, w_flipped, (1, 1), dilation, (H, W), gy_t is not None)
 
 
 def _batch_last_col2im(gcols, x_shape, kernel, stride, padding, dilation):
@@ -337,7 +398,8 @@ class Conv2dFunction(Function):
         self.folded = xp is np and self.out_hw[0] * self.out_hw[1] <= self.fold_max_pixels
         self.banded = xp is np and (self.folded or not self._one_by_one(kernel))   # else: batched / per-image GEMMs
         if self.banded:
-            y = _conv_bands(x, w, self.padding, self.stride, self.dilation, self.out_hw, self.folded, "conv.xpad")
+            images = _padded_images(x, self.padding, self.stride, kernel, self.dilation, self.folded, "conv.xpad")
+            y = _conv_bands(images, w, self.stride, self.dilation, self.out_hw, self.folded)
         else:
             cols = self._borrowed_cols(x, kernel)                       # (N, C*kh*kw, Ho*Wo)
             w2 = w.reshape(w.shape[0], -1)                              # (O, C*kh*kw)
@@ -354,34 +416,34 @@ class Conv2dFunction(Function):
 
     def backward(self, gy):
         x, w = self.x, self.w
-        xp = get_array_module(gy)
         N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
         gb = gy.sum(axis=(0, 2, 3)) if self.has_bias else None
         gw = gx = None
+        gy_t = _batch_last(gy, "conv.gy_t") if self.folded else None   # (O, Ho, Wo, N), once for dW and dx
         if self.needs_input_grad[1]:
-            if self.banded:
-                gw = _conv_weight_grad_bands(x, gy, kernel, self.padding, self.stride, self.dilation, self.folded)
+            if self.banded:   # made again: kept from forward, fresh arrays page-faulted more (issue 13)
+                images = _padded_images(x, self.padding, self.stride, kernel, self.dilation, self.folded, "conv.xpad")
+                gw = _conv_weight_grad_bands(images, gy, gy_t, kernel, self.stride, self.dilation)
             else:
                 gw = _sum_over_images(gy.reshape(N, O, -1), self._borrowed_cols(x, kernel)).reshape(w.shape)
         if self.needs_input_grad[0]:  # not for the first conv, fed by the image
             if self.banded and self.stride == (1, 1):
-                gx = _input_grad_by_conv(gy, w, self.padding, self.dilation, self.folded)
+                gx = _input_grad_by_conv(gy, gy_t, w, self.padding, self.dilation)
             if gx is None:
-                gx = self._input_grad_by_col2im(gy)
+                gx = self._input_grad_by_col2im(gy, gy_t)
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
-    def _input_grad_by_col2im(self, gy):
-        """dcols = W^T @ gy, then dx = col2im(dcols): strided convs (and pads wider than the kernel)."""
-        x, w = self.x, self.w
+    def _input_grad_by_col2im(self, gy, gy_t):
+        """dcols = W^T @ gy, then dx = col2im(dcols): strided convs (and pads wider than the kernel).
+        gy_t: gy batch-last (the folded path), else None."""
+        x_shape, w = self.x.shape, self.w
         xp = get_array_module(gy)
         N, O, kernel = gy.shape[0], gy.shape[1], w.shape[2:]
-        if self.folded:
-            gy_t = scratch("conv.gy_t", (O, *gy.shape[2:], N), gy.dtype)
-            gy_t[...] = gy.transpose(1, 2, 3, 0)
-            gcols = scratch("conv.gcols", (kernel[0] * kernel[1] * x.shape[1], gy_t[0].size), gy.dtype)
+        if gy_t is not None:
+            gcols = scratch("conv.gcols", (kernel[0] * kernel[1] * x_shape[1], gy_t[0].size), gy.dtype)
             np.matmul(w.transpose(2, 3, 1, 0).reshape(-1, O), gy_t.reshape(O, -1), out=gcols)   # all images
-            gcols = gcols.reshape(*kernel, x.shape[1], *gy.shape[2:], N)
-            return _batch_last_col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
+            gcols = gcols.reshape(*kernel, x_shape[1], *gy.shape[2:], N)
+            return _batch_last_col2im(gcols, x_shape, kernel, self.stride, self.padding, self.dilation)
         gy2, w_t = gy.reshape(N, O, -1), w.reshape(O, -1).T             # (N, O, Ho*Wo), (C*kh*kw, O)
         shape = (N, w_t.shape[0], gy2.shape[2])
         if self._one_by_one(kernel):
@@ -394,9 +456,9 @@ class Conv2dFunction(Function):
         else:
             xp.matmul(w_t, gy2, out=gcols)                              # one batched GEMM
         if self._one_by_one(kernel):
-            return gcols.reshape(x.shape)
-        gcols = gcols.reshape(N, x.shape[1], kernel[0], kernel[1], *gy.shape[2:])
-        return col2im(gcols, x.shape, kernel, self.stride, self.padding, self.dilation)
+            return gcols.reshape(x_shape)
+        gcols = gcols.reshape(N, x_shape[1], kernel[0], kernel[1], *gy.shape[2:])
+        return col2im(gcols, x_shape, kernel, self.stride, self.padding, self.dilation)
 
 
 def _check_weights(x: Tensor, weight: Tensor, bias, op: str, layout: str, in_axis: int, out_axis: int) -> None:

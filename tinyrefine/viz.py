@@ -379,8 +379,9 @@ def activation_memory(model, images, groups: Optional[List[str]] = None,
             return out
         return wrapped
 
-    # parameter and buffer arrays as the forward sees them (_preserved swaps buffers for copies on exit)
-    skip = set() if include_parameters else {id(_owner(t.data)) for _, t in model._named_tensors((Parameter, Buffer))}
+    # parameter and buffer arrays as the forward sees them (_preserved swaps buffers for copies on exit); held
+    # here, not just their ids: a freed array's id is reused by later arrays (it hid a conv's output once)
+    skipped = [] if include_parameters else [_owner(t.data) for _, t in model._named_tensors((Parameter, Buffer))]
     wrapped_modules = []
     try:
         for name in names:
@@ -395,7 +396,7 @@ def activation_memory(model, images, groups: Optional[List[str]] = None,
         for module in wrapped_modules:
             vars(module).pop("forward", None)
 
-    seen = set(skip)
+    seen = {id(a) for a in skipped}
     totals = {name: 0 for name in names}
     totals["(model)"] = 0
 

@@ -3,6 +3,7 @@
     python benchmarks/contention.py                          # demo step and R50 step, quiet and busy
     python benchmarks/contention.py --cases demo --steps 10
     python benchmarks/contention.py --compare /tmp/tinyrefine-old   # also an older checkout, same run
+    python benchmarks/contention.py --paired 30 --cases demo --loads alone   # steps taken in turns (below)
 
 Issue 13: on a 2-core laptop with a browser busy on one core, BLAS and the plane pool at 2 threads each
 ran the demo step 5.6x slower than one thread. Cases (float32, random data, SGD momentum 0.9):
@@ -15,6 +16,14 @@ with 1 thread. Each (case, load, setting) runs in its own process; time per step
 --steps steps after one warm-up step, CPU s/step this process's CPU time per step (all its threads).
 Ratios compare settings measured under the same load in this run; with --repeat, each setting's
 median run (passes alternate their order, so a load that drifts during the run is shared out).
+
+--paired R: on these shared machines the speed of the whole machine drifts by 10-40% within minutes, more
+than the differences measured. Paired mode keeps one live process per setting and has them take steps in
+turns: R rounds, each setting --steps steps per round (the order reversed every other round), the others
+idle meanwhile. Each round gives each setting its median step and its ratio to torch's default in that same
+round; the table shows the median over rounds of both, and the quartiles of the ratio. A drift slower than
+a round cancels out of the ratios. The automatic thread count reads the other settings' turns as load and
+often backs off to one thread here: in paired mode compare the fixed settings.
 """
 from __future__ import annotations
 
@@ -97,6 +106,59 @@ def torch_step(config: dict, images, target, threads: str):
     return step, lambda: str(torch.get_num_threads())
 
 
+def paired_worker(args) -> None:
+    """Build the step once, then on each line "k" of stdin time k steps and print their times (JSON)."""
+    config, batch, size = case_shape(args.case, args.r50_size)
+    images, target = make_batch(batch, size, config["num_classes"])
+    framework, threads = args.worker.rsplit(" ", 1)
+    step, _ = (torch_step if framework == "torch" else tinyrefine_step)(config, images, target, threads)
+    step()                                                            # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        print(json.dumps(times), flush=True)
+
+
+def paired(args, case: str, roots: dict) -> dict:
+    """Every setting in its own live process, taking --steps steps in turns for --paired rounds."""
+    procs = {}
+    for setting, root in roots.items():
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        threads = setting.rsplit(" ", 1)[1]
+        if not setting.startswith("torch") and threads != "auto" and not os.path.exists(os.path.join(root, "tinyrefine", "threads.py")):
+            env["OPENBLAS_NUM_THREADS"] = threads                    # an older checkout: only BLAS can be limited
+        procs[setting] = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", setting, "--case", case, "--paired-worker",
+             "--r50-size", str(args.r50_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            cwd=os.path.abspath(root))
+    try:
+        for setting, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"paired worker {setting!r} failed to start (exit code {proc.wait()})")
+        rounds = {setting: [] for setting in procs}
+        for r in range(args.paired):
+            for setting in (list(procs) if r % 2 == 0 else list(procs)[::-1]):
+                time.sleep(0.1)                                       # let the last one's threads go idle
+                procs[setting].stdin.write(f"{args.steps}\n")
+                procs[setting].stdin.flush()
+                rounds[setting].append(statistics.median(json.loads(procs[setting].stdout.readline())))
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    base = rounds["torch default"]
+    results = {}
+    for setting, times in rounds.items():
+        ratios = [t / b for t, b in zip(times, base)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        results[setting] = {"s": statistics.median(times), "ratio": statistics.median(ratios), "q1": q1, "q3": q3}
+    return results
+
+
 def worker(args) -> dict:
     config, batch, size = case_shape(args.case, args.r50_size)
     images, target = make_batch(batch, size, config["num_classes"])
@@ -145,15 +207,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=["demo", "r50"], default=["demo", "r50"])
     parser.add_argument("--loads", nargs="+", choices=["alone", "busy"], default=["alone", "busy"])
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default: demo 10, r50 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps after one warm-up (default: demo 10, r50 2; paired, per round: demo 3, r50 1)")
     parser.add_argument("--r50-size", type=int, default=256)
     parser.add_argument("--compare", metavar="PATH", help="also run this older tinyrefine checkout (auto and 1 thread)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setting (the median is shown)")
+    parser.add_argument("--paired", type=int, metavar="ROUNDS", help="steps in turns, live processes (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--paired-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        if args.paired_worker:
+            paired_worker(args)
+        else:
+            print(json.dumps(worker(args)))
         return
 
     roots = {setting: ROOT for setting in SETTINGS}
@@ -161,15 +229,31 @@ def main() -> None:
         roots.update({"old auto": args.compare, "old 1": args.compare})
     steps_given = args.steps
     print(f"{os.cpu_count()} cores, python {sys.version.split()[0]}, load average at start {load_average()}")
-    print(f"{'case':<5} {'load':<5} {'setting':<16} {'threads':>7} {'s/step':>7} {'CPU s/step':>10} "
-          f"{'/torch default':>14} {'/best fixed tinyrefine':>22}  1-min load after each run")
+    if args.paired:
+        print(f"paired: {args.paired} rounds; per round each setting takes its steps while the others wait")
+        print(f"{'case':<5} {'load':<5} {'setting':<16} {'s/step':>7} {'/torch default':>14} {'quartiles':>13}")
+    else:
+        print(f"{'case':<5} {'load':<5} {'setting':<16} {'threads':>7} {'s/step':>7} {'CPU s/step':>10} "
+              f"{'/torch default':>14} {'/best fixed tinyrefine':>22}  1-min load after each run")
     for case in args.cases:
-        args.steps = steps_given or (10 if case == "demo" else 2)
+        args.steps = steps_given or ((3 if args.paired else 10) if case == "demo" else (1 if args.paired else 2))
         for load in args.loads:
             spinner = None
             if load == "busy":
                 spinner = subprocess.Popen([sys.executable, "-c", SPINNER])
                 time.sleep(1.0)
+            if args.paired:
+                try:
+                    results = paired(args, case, roots)
+                finally:
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
+                for setting, r in results.items():
+                    print(f"{case:<5} {load:<5} {setting:<16} {r['s']:>7.3f} {r['ratio']:>13.2f}x "
+                          f"{r['q1']:>6.2f}-{r['q3']:.2f}", flush=True)
+                print(f"load average after: {load_average()}", flush=True)
+                continue
             try:
                 runs = {setting: [] for setting in roots}
                 for r in range(args.repeat):   # every other pass in reverse order, so drifting load hits all alike

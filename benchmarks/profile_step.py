@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from contention import case_shape, make_batch, tinyrefine_step, torch_step  # noqa: E402
 
-# torch's aten ops, by the same kinds as tinyrefine's Functions (first match wins)
+# torch's aten ops, by the same kinds as tinyrefine's Functions (first match wins). Rough: "optimizer" takes
+# every in-place mul_/add_/zero_, batch norm's running-statistics updates included
 KINDS = [("conv2d", ("convolution",)), ("max pool", ("max_pool",)), ("batch norm", ("batch_norm",)),
          ("relu", ("relu", "threshold", "clamp_min")), ("upsample", ("upsample",)),
          ("cross entropy", ("nll_loss", "log_softmax", "cross_entropy")), ("optimizer", ("sgd", "mul_", "add_", "zero_")),
@@ -119,11 +120,8 @@ def profile_torch(config, images, target, steps: int, threads: int) -> dict:
         wall = (time.perf_counter() - start) / steps
     spent = collections.defaultdict(float)
     for event in prof.key_averages():
-        if event.key.startswith("aten::") or "Optimizer" in event.key:
-            kind = "optimizer" if "Optimizer" in event.key else kind_of_torch_op(event.key)
-            if "Optimizer" in event.key:
-                continue        # its aten ops (mul_, add_) are counted below, as "optimizer"
-            spent[kind] += event.self_cpu_time_total / 1e3            # microseconds -> ms
+        if event.key.startswith("aten::"):   # ops only (the optimizer's named range is not one: its ops count)
+            spent[kind_of_torch_op(event.key)] += event.self_cpu_time_total / 1e3   # microseconds -> ms
     return {"kinds": {k: v / steps for k, v in spent.items()}, "wall": wall * 1e3}
 
 

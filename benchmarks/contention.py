@@ -127,14 +127,10 @@ def paired(args, case: str, roots: dict) -> dict:
     """Every setting in its own live process, taking --steps steps in turns for --paired rounds."""
     procs = {}
     for setting, root in roots.items():
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        threads = setting.rsplit(" ", 1)[1]
-        if not setting.startswith("torch") and threads != "auto" and not os.path.exists(os.path.join(root, "tinyrefine", "threads.py")):
-            env["OPENBLAS_NUM_THREADS"] = threads                    # an older checkout: only BLAS can be limited
         procs[setting] = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", setting, "--case", case, "--paired-worker",
-             "--r50-size", str(args.r50_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-            cwd=os.path.abspath(root))
+             "--r50-size", str(args.r50_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=worker_env(setting, os.path.abspath(root)), cwd=os.path.abspath(root))
     try:
         for setting, proc in procs.items():
             if proc.stdout.readline().strip() != "ready":
@@ -176,11 +172,18 @@ def worker(args) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-def spawn(args, case: str, setting: str, root: str) -> dict:
+def worker_env(setting: str, root: str) -> dict:
+    """The environment of a worker process: its checkout first on the path, and for an older checkout without
+    set_num_threads a fixed thread count through OPENBLAS_NUM_THREADS (only BLAS can be limited there)."""
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     framework, threads = setting.rsplit(" ", 1)
     if framework != "torch" and threads != "auto" and not os.path.exists(os.path.join(root, "tinyrefine", "threads.py")):
-        env["OPENBLAS_NUM_THREADS"] = threads               # an older checkout: only BLAS can be limited
+        env["OPENBLAS_NUM_THREADS"] = threads
+    return env
+
+
+def spawn(args, case: str, setting: str, root: str) -> dict:
+    env = worker_env(setting, root)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", setting, "--case", case,
            "--steps", str(args.steps), "--r50-size", str(args.r50_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)

@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from contention import case_shape, make_batch, tinyrefine_step, torch_step  # noqa: E402
+from tinyrefine.functional.common import _out_size  # noqa: E402
 
 # torch's aten ops, by the same kinds as tinyrefine's Functions (first match wins). Rough: "optimizer" takes
 # every in-place mul_/add_/zero_, batch norm's running-statistics updates included
@@ -130,7 +131,6 @@ def conv_geometries(config, images) -> list:
     """Each distinct conv2d call of one forward: (x shape, w shape, stride, padding, dilation, x needs grad, count)."""
     import tinyrefine as tr
     import tinyrefine.functional as F
-    import tinyrefine.nn as nn
     from tinyrefine.models import RefineNet
     seen = collections.Counter()
     real = F.conv2d
@@ -138,12 +138,12 @@ def conv_geometries(config, images) -> list:
     def recording(x, weight, bias=None, stride=1, padding=0, dilation=1, algorithm="auto"):
         seen[(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, x.requires_grad)] += 1
         return real(x, weight, bias, stride, padding, dilation, algorithm)
-    F.conv2d = nn.F.conv2d = recording
+    F.conv2d = recording                                              # the module the layers call through
     try:
         with tr.no_grad():
             RefineNet(**config).train()(tr.Tensor(images))
     finally:
-        F.conv2d = nn.F.conv2d = real
+        F.conv2d = real
     # no_grad: requires_grad of activations is False; every conv but the first takes an activation with grad
     first = next(iter(seen))
     return [(*g[:5], g != first, n) for g, n in seen.items()]
@@ -154,7 +154,7 @@ def layer_runner(framework: str, geometry):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = (rng.standard_normal(w_shape) * 0.1).astype(np.float32)
-    out_hw = [(x_shape[2 + a] + 2 * padding - dilation * (w_shape[2 + a] - 1) - 1) // stride + 1 for a in (0, 1)]
+    out_hw = [_out_size(x_shape[2 + a], w_shape[2 + a], stride, padding, dilation) for a in (0, 1)]
     gy = rng.standard_normal((x_shape[0], w_shape[0], *out_hw)).astype(np.float32)
     if framework == "torch":
         import torch

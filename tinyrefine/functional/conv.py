@@ -171,18 +171,15 @@ def _padded_images(x, padding, stride, kernel, dilation, batch_last: bool, role:
     value). Only the phases some tap of ``kernel`` (with ``dilation``) reads are filled: a 1x1 stride-2 conv
     reads one of four. Stride 1 is the one phase, xpad itself."""
     (ph, pw), (sh, sw), (N, C, H, W) = padding, stride, x.shape
-    per_image = batch_last and x_t is None and W >= 2 * N   # then numpy's inner loop runs along a row, not across N
-    source = x if not batch_last else x_t if x_t is not None else x.transpose(1, 2, 3, 0)
     if (sh, sw) == (1, 1):                                              # the common case, kept lean (small maps)
         if not batch_last:
             return list(_zero_padded(x, padding, role)[:, :, None, None, :, :, None])
         xpad = scratch(role, (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
         xpad[:, :ph], xpad[:, H + ph:], xpad[:, :, :pw], xpad[:, :, W + pw:] = 0, 0, 0, 0
-        if per_image:
-            for n in range(N):
-                xpad[:, ph:ph + H, pw:pw + W, n] = x[n]
+        if x_t is not None:
+            xpad[:, ph:ph + H, pw:pw + W] = x_t
         else:
-            xpad[:, ph:ph + H, pw:pw + W] = source
+            _copy_batch_last(xpad[:, ph:ph + H, pw:pw + W], x)
         return [xpad[:, None, None]]
     Hq, Wq = -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)          # rows and columns of each phase
     out = scratch(role, (1, C, sh, sw, Hq, Wq, N) if batch_last else (N, C, sh, sw, Hq, Wq, 1), x.dtype)
@@ -198,14 +195,24 @@ def _padded_images(x, padding, stride, kernel, dilation, batch_last: bool, role:
                 continue
             rows, cols = slice(h0, h0 + sh * (i1 - i0 - 1) + 1, sh), slice(w0, w0 + sw * (j1 - j0 - 1) + 1, sw)
             if not batch_last:
-                dst[:, :, i0:i1, j0:j1, 0] = source[:, c0:c1, rows, cols]
-            elif not per_image:
-                dst[0, :, i0:i1, j0:j1] = source[c0:c1, rows, cols]
+                dst[:, :, i0:i1, j0:j1, 0] = x[:, c0:c1, rows, cols]
+            elif x_t is not None:
+                dst[0, :, i0:i1, j0:j1] = x_t[c0:c1, rows, cols]
             else:
-                for n in range(N):
-                    dst[0, :, i0:i1, j0:j1, n] = x[n, c0:c1, rows, cols]
+                _copy_batch_last(dst[0, :, i0:i1, j0:j1], x[:, c0:c1, rows, cols])
     over_planes(C, fill, out[0, 0].size * out.shape[0])
     return list(out)
+
+
+def _copy_batch_last(dst, a) -> None:
+    """dst (C, H, W, N) = a (N, C, H, W) moved batch-last. Image by image where a row is at least twice as long
+    as the batch: numpy's inner loop then runs along a row, not across the N images (6-10x faster at N=2); one
+    transposed copy otherwise."""
+    if a.shape[3] >= 2 * a.shape[0]:
+        for n in range(a.shape[0]):
+            dst[..., n] = a[n]
+    else:
+        dst[...] = a.transpose(1, 2, 3, 0)
 
 
 def _phase_span(a: int, s: int, pad: int, size: int, n_phase: int):
@@ -225,12 +232,6 @@ def _band_cols(image, kernel, stride, dilation, rows, Wo):
     if (kh, kw) == (1, 1) and image.shape[4] == Wo:                   # 1x1: the (0, 0) phase is its own columns
         return image[:, 0, 0, i0:i1].reshape(C, -1)
     cols = scratch("conv.band_cols", (kh, kw, C, i1 - i0, Wo, B), image.dtype)
-    if (sh, sw) == (1, 1):                                              # one phase: the taps slide over it
-        image = image[:, 0, 0]
-        for p in range(kh):
-            for q in range(kw):
-                cols[p, q] = image[:, i0 + p * dh:i1 + p * dh, q * dw:q * dw + Wo]
-        return cols.reshape(kh * kw * C, -1)
     for p in range(kh):
         a, di = (p * dh) % sh, (p * dh) // sh
         for q in range(kw):
@@ -294,14 +295,9 @@ def _conv_bands(images: list, w, stride, dilation, out_hw, batch_last: bool):
 
 
 def _batch_last(a, role: str):
-    """a (N, C, H, W) as (C, H, W, N) in a scratch buffer: the folded path's layout. Image by image where rows
-    are long beside N, so numpy's inner loop runs along an image, not across N (6-10x faster at N=2)."""
+    """a (N, C, H, W) as (C, H, W, N) in a scratch buffer: the folded path's layout."""
     a_t = scratch(role, (*a.shape[1:], a.shape[0]), a.dtype)
-    if a.shape[3] >= 2 * a.shape[0]:
-        for n in range(a.shape[0]):
-            a_t[..., n] = a[n]
-    else:
-        a_t[...] = a.transpose(1, 2, 3, 0)
+    _copy_batch_last(a_t, a)
     return a_t
 
 

@@ -4,6 +4,7 @@
     python benchmarks/ops.py --device cuda   # CuPy vs torch CUDA
     python benchmarks/ops.py --repeat 5 --only conv
     python benchmarks/ops.py --only conv3x3 --sweep --json notebooks/data/fast_convolution_benchmark.json
+    python benchmarks/ops.py --only conv3x3 --paired 15    # calls in turns: ratios that survive drift
 
 3x3 convolutions get one row per algorithm (--algorithms: im2col, winograd = F(2x2,3x3), winograd4 =
 F(4x4,3x3), auto = what F.conv2d picks); --sweep adds the grid of channels x map sizes that
@@ -11,6 +12,13 @@ F(4x4,3x3), auto = what F.conv2d picks); --sweep adds the grid of channels x map
 
 Prints one row per shape: median milliseconds for each library and the ratio
 tinyrefine / torch (below 1.0 means tinyrefine is faster). float32.
+
+--paired R: the plain mode times all of torch's calls, then all of ours; on these shared machines the
+whole machine's speed drifts by 10-40% within minutes, so the same code measured 0.97x and 1.35x in two
+runs (issue 13). Paired mode takes the calls in turns instead: R rounds, each running every algorithm's
+step and torch's step once (the order reversed every other round), with a pause before each call so that
+the other library's idle threads have stopped spinning. Each round gives each algorithm a ratio to
+torch's call in that same round; the table shows the median times, the median ratio and its quartiles.
 """
 from __future__ import annotations
 
@@ -147,6 +155,34 @@ def torch_step(kind, x_np, extra, device):
     return step
 
 
+PAUSE_S = 0.2   # before each paired call: OpenBLAS's idle threads spin about 0.1 s after a GEMM
+
+
+def paired_rows(name: str, steps: dict, torch_call, sync, rounds: int) -> list:
+    """Time each of ``steps`` (algorithm -> step) and ``torch_call`` in turns, ``rounds`` times (see --paired)."""
+    calls = dict(steps, torch=torch_call)
+    for call in calls.values():   # warm-up: scratch buffers, plans, first-touch page faults
+        call()
+    sync()
+    times = {key: [] for key in calls}
+    for r in range(rounds):
+        for key in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            calls[key]()
+            sync()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    rows = []
+    for algorithm in steps:
+        ratios = [ours / theirs for ours, theirs in zip(times[algorithm], times["torch"])]
+        q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+        ours, theirs = float(np.median(times[algorithm])), float(np.median(times["torch"]))
+        print(f"{name:30s} {algorithm:>10s} {ours:14.1f} {theirs:10.1f} {median:6.2f}x  ({q1:.2f}-{q3:.2f})", flush=True)
+        rows.append(dict(case=name, algorithm=algorithm, ms=ours, torch_ms=theirs, paired_ratio=float(median),
+                         ratio_quartiles=[float(q1), float(q3)], rounds=rounds))
+    return rows
+
+
 SWEEP_CHANNELS, SWEEP_SIZES = (32, 64, 128, 256, 512), (10, 20, 40, 80, 160)
 
 
@@ -177,6 +213,8 @@ def main() -> None:
     parser.add_argument("--algorithms", default="im2col,winograd,winograd4,auto",
                         help="conv2d algorithms timed on the 3x3 cases (others run 'auto')")
     parser.add_argument("--sweep", action="store_true", help="also time the Winograd-vs-im2col grid")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="take tinyrefine's and torch's calls in turns, ROUNDS rounds (needs torch; see above)")
     parser.add_argument("--json", default="", help="write the results (and the load average) to this file")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -190,17 +228,27 @@ def main() -> None:
     if torch_ok and args.device == "cuda" and not torch.cuda.is_available():  # a CPU-only torch: tinyrefine alone
         torch_ok, missing = False, f"{torch.__version__} without CUDA (not run)"
     print(f"device={args.device}  numpy {np.__version__}  torch {'%s (%d threads)' % (torch.__version__, threads) if torch_ok else missing}"
-          f"  median of {args.repeat}, forward+backward, float32")
+          f"  {f'{args.paired} paired rounds' if args.paired else f'median of {args.repeat}'}, forward+backward, float32")
     print(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} on {os.cpu_count()} cores")
+    if args.paired and not torch_ok:
+        parser.error(f"--paired needs torch beside tinyrefine (torch: {missing})")
+    if args.paired:
+        print(f"paired: {args.paired} rounds, calls in turns; ratio = median over rounds (quartiles)")
     print(f"{'case':30s} {'algorithm':>10s} {'tinyrefine ms':>14s} {'torch ms':>10s} {'ratio':>7s}")
     rows = []
     for name, kind, shape, extra in CASES:
         if args.only and args.only not in name and args.only not in kind:
             continue
         x_np = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        algorithms = args.algorithms.split(",") if kind == "conv" and extra["k"] == 3 else ["auto"]
+        if args.paired:
+            steps = {a: tinyrefine_step(kind, x_np, extra, args.device, a) for a in algorithms}
+            rows += paired_rows(name, steps, torch_step(kind, x_np, extra, args.device),
+                                lambda: (_sync(args.device), _torch_sync(args.device)), args.paired)
+            continue
         theirs = median_ms(torch_step(kind, x_np, extra, args.device), lambda: _torch_sync(args.device),
                            args.repeat) if torch_ok else None
-        for algorithm in (args.algorithms.split(",") if kind == "conv" and extra["k"] == 3 else ["auto"]):
+        for algorithm in algorithms:
             ours = median_ms(tinyrefine_step(kind, x_np, extra, args.device, algorithm), lambda: _sync(args.device),
                              args.repeat)
             ratio = f"{ours / theirs:6.2f}x" if theirs else "      -"
@@ -212,7 +260,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(command="python " + " ".join(sys.argv), device=args.device, numpy=np.__version__, torch=torch.__version__ if torch_ok else None,
-                           torch_threads=threads, repeat=args.repeat, cores=os.cpu_count(), load_before=load_before,
+                           torch_threads=threads, repeat=args.repeat, paired=args.paired, cores=os.cpu_count(), load_before=load_before,
                            load_after=load_after, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            rows=rows, sweep=sweep), f, indent=1)
         print("wrote", args.json)

@@ -333,6 +333,25 @@ def test_batch_norm_forward_formula_and_running_stats_update():
     np.testing.assert_array_equal(rv, rv1)
 
 
+def test_batch_norm_float32_statistics_stay_accurate_on_large_maps():
+    """The CPU sums per channel run in float32 (einsum): over 32k values a channel, mean 100 and std 1, the
+    output, the gradients and the running statistics stay near the float64 computation (a one-pass variance,
+    E[x^2] - mean^2, fails here)."""
+    rng = np.random.default_rng(25)
+    x64 = rng.standard_normal((2, 3, 128, 128)) + 100
+    w64, b64, gy64 = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(x64.shape)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        x, w, b = (tr.Tensor(a.astype(dtype), requires_grad=True) for a in (x64, w64, b64))
+        rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+        y = F.batch_norm(x, rm, rv, w, b, training=True)
+        y.backward(gy64.astype(dtype))
+        results[dtype] = [y.data, x.grad, w.grad, rm, rv]
+    for low, high in zip(results[np.float32], results[np.float64]):
+        assert low.dtype == np.float32
+        np.testing.assert_allclose(low, high, rtol=2e-4, atol=2e-4 * np.abs(high).max())
+
+
 # =========================================================================== softmax and cross-entropy
 def ce_target(shape, n_classes, seed, ignore_fraction=0.3):
     rng = np.random.default_rng(seed)

@@ -60,22 +60,24 @@ class CrossEntropy(Function):
     cross_entropy refuses up front for CPU data) makes its pixel's loss and gradient NaN, so a
     GPU step needs no sync to check labels and the trainer's finite-loss check stops on it.
     """
-    saves_inputs = False  # keeps log-probabilities it computed
+    saves_inputs = False  # keeps the softmax it computed
 
     def __init__(self, ignore_index: int, reduction: str) -> None:
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, logits, target):
         xp = get_array_module(logits)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))   # (N, C, ...)
+        shifted = logits - logits.max(axis=1, keepdims=True)                # keeps exp() from overflowing
+        softmax = xp.exp(shifted)
+        total = softmax.sum(axis=1, keepdims=True)                           # (N, 1, ...)
+        softmax /= total                                                     # kept for backward: no second exp
         valid = target != self.ignore_index                                     # (N, ...)
         in_range = (target >= 0) & (target < logits.shape[1])
         safe_target = xp.where(in_range, target, 0)                              # ignored/bad read class 0 ...
         weight = xp.where(valid & ~in_range, xp.nan, valid).astype(logits.dtype, copy=False)  # ... weighted 0/NaN
-        picked = xp.take_along_axis(log_p, safe_target[:, None], axis=1)[:, 0]  # (N, ...)
-        losses = -picked * weight
-        self.log_p, self.weight, self.safe_target = log_p, weight, safe_target
+        log_p_target = _at_class(shifted, safe_target) - xp.log(total[:, 0])     # log softmax at the target
+        losses = -log_p_target * weight
+        self.softmax, self.weight, self.safe_target = softmax, weight, safe_target
         if self.reduction == "none":
             return losses
         # |V| on the device (at least 1: all ignored gives 0); int(valid.sum()) would wait for the GPU
@@ -84,14 +86,23 @@ class CrossEntropy(Function):
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        grad = xp.exp(self.log_p)                                               # softmax
-        classes = xp.arange(grad.shape[1]).reshape((1, -1) + (1,) * (grad.ndim - 2))
-        grad -= classes == self.safe_target[:, None]                            # minus one-hot(target)
+        classes = xp.arange(self.softmax.shape[1]).reshape((1, -1) + (1,) * (self.softmax.ndim - 2))
+        grad = self.softmax - (classes == self.safe_target[:, None])           # softmax minus one-hot(target)
         if self.reduction == "none":
             scale = (gy * self.weight)[:, None]
         else:
             scale = (self.weight * (gy / self.count))[:, None]
-        return grad * scale.astype(grad.dtype, copy=False), None
+        grad *= scale.astype(grad.dtype, copy=False)
+        return grad, None
+
+
+def _at_class(a, index):
+    """a[n, index[n, ...], ...] for a (N, C, ...) and integer index (N, ...) in 0..C-1: one gather from the
+    flat array (take_along_axis was 1.5-2.5x slower here on 4-21 classes; ours, issue 13)."""
+    xp = get_array_module(a)
+    N, C, pixels = a.shape[0], a.shape[1], index[0].size
+    flat = (index.reshape(N, pixels) + (xp.arange(N) * C)[:, None]) * pixels + xp.arange(pixels)
+    return xp.take(a.reshape(-1), flat).reshape(index.shape)
 
 
 def cross_entropy(logits: Tensor, target, ignore_index: int = 255, reduction: str = "mean") -> Tensor:

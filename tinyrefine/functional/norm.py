@@ -3,10 +3,25 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from .. import backend
 from ..backend import get_array_module
 from ..engine import Function, Tensor, as_tensor
 from .common import _check_input
+
+
+def _channel_sum(a, b=None):
+    """sum over (n, h, w) of a[n, c, h, w] (times b[n, c, h, w]) -> (C,), with no temporary for a * b.
+
+    On the CPU one einsum over the (N, C, H*W) view: 2-3x faster than ``(a * b).sum(axis=(0, 2, 3))`` on the
+    demo's maps (ours, issue 13; float32 sums, relative error ~1e-6 at 64k values a channel). CuPy keeps the
+    plain reduction (its einsum is not what its reductions are tuned for)."""
+    xp = get_array_module(a)
+    if xp is not np:
+        return (a if b is None else a * b).sum(axis=(0, 2, 3))
+    a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    return np.einsum("ncl->c", a3) if b is None else np.einsum("ncl,ncl->c", a3, b.reshape(a3.shape))
 
 
 class BatchNorm(Function):
@@ -30,9 +45,9 @@ class BatchNorm(Function):
             M = x.size // C
             if M < 2:
                 raise ValueError(f"batch_norm in training needs more than one value per channel, got input {x.shape}")
-            mean = x.mean(axis=(0, 2, 3))
+            mean = _channel_sum(x) / M
             centred = x - mean.reshape(shape)                           # kept: it becomes xhat in place
-            var = (centred * centred).mean(axis=(0, 2, 3))
+            var = _channel_sum(centred, centred) / M
             if self.running_mean is not None:
                 self.running_mean *= 1 - self.momentum
                 self.running_mean += self.momentum * mean.astype(self.running_mean.dtype)
@@ -61,8 +76,8 @@ class BatchNorm(Function):
         scale = self.inv_std if self.weight is None else self.inv_std * self.weight
         sum_gy = sum_gy_xhat = None
         if self.training or xhat is not None:
-            sum_gy = gy.sum(axis=(0, 2, 3))
-            sum_gy_xhat = (gy * xhat).sum(axis=(0, 2, 3))
+            sum_gy = _channel_sum(gy)
+            sum_gy_xhat = _channel_sum(gy, xhat)
         if self.training:  # the formula above, in place: scale * (gy - sum(gy)/M - xhat * sum(gy*xhat)/M)
             M = gy.size // C
             gx = xhat * (sum_gy_xhat / -M).reshape(shape)

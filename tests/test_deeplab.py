@@ -254,6 +254,48 @@ def test_train_evaluate_predict_with_model_flag(tmp_path, model, capsys):
     assert (tmp_path / "pred" / "img_mask.png").exists()
 
 
+@pytest.mark.parametrize("kind", ["deeplabv3", "fcn"])
+def test_training_loss_adds_the_weighted_aux_loss(kind):
+    """main + w * aux, each the configured loss on its own head's logits (eval mode: no dropout draws)."""
+    from tinyrefine.train import TrainConfig, build_model, segmentation_loss, training_loss
+    config = TrainConfig(model=kind, encoder="resnet18", encoder_width=4, features=8, aux_loss=0.4, output_stride=16)
+    model = build_model(config, 3).eval()
+    rng = np.random.default_rng(0)
+    images = tr.Tensor(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
+    masks = rng.integers(0, 3, (2, 32, 32))
+    masks[0, :4] = 255
+    main, aux = model.forward_with_aux(images)
+    expected = segmentation_loss(main, masks).item() + 0.4 * segmentation_loss(aux, masks).item()
+    assert abs(training_loss(model, images, masks, config).item() - expected) < 1e-5 * expected
+    plain = TrainConfig(model=kind, encoder="resnet18", encoder_width=4, features=8, output_stride=16)
+    assert build_model(plain, 3).aux_classifier is None       # no weight, no aux head
+    assert abs(training_loss(model, images, masks, plain).item() - segmentation_loss(main, masks).item()) < 1e-6
+
+
+def test_train_with_aux_loss_trains_the_aux_head_and_keeps_it_in_the_checkpoint(tmp_path, capsys):
+    from tinyrefine import cli
+    from tinyrefine.train import TrainConfig, build_model, load_checkpoint, load_model
+    out = tmp_path / "run"
+    tiny = ["--data", "shapes:48", "--encoder", "resnet18", "--encoder-width", "4", "--features", "8", "--crop", "48",
+            "--batch-size", "2", "--iters", "2", "--eval-limit", "2", "--out", str(out), "--quiet", "--output-stride", "16"]
+    assert cli.main(["train", "--model", "deeplabv3", "--aux-loss", "0.5"] + tiny) == 0
+    state, _, _ = load_checkpoint(out / "checkpoint.npz")
+    initial = build_model(TrainConfig(model="deeplabv3", encoder="resnet18", encoder_width=4, features=8,
+                                      output_stride=16, aux_loss=0.5), 4).state_dict()
+    aux_keys = [k for k in initial if k.startswith("aux_classifier.") and k.endswith("weight")]
+    assert aux_keys and all(k in state for k in aux_keys)
+    assert any(not np.array_equal(state[k], np.asarray(getattr(initial[k], "data", initial[k])))
+               for k in aux_keys)                             # two SGD steps moved the aux head
+    model, meta = load_model(str(out / "checkpoint.npz"))     # rebuilt with its aux head, loaded strictly
+    assert meta["config"]["aux_loss"] == 0.5 and model.aux_classifier is not None
+    assert cli.main(["train", "--model", "deeplabv3", "--aux-loss", "0.2", "--resume"] + tiny) == 2
+    assert "aux_loss: checkpoint 0.5 vs now 0.2" in capsys.readouterr().err
+    assert cli.main(["train", "--aux-loss", "0.5"] + tiny) == 2                    # refinenet
+    assert "aux_loss applies to --model deeplabv3 / fcn" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "fcn", "--aux-loss", "-1"] + tiny) == 2
+    assert "aux_loss is the auxiliary loss's weight, >= 0; got -1.0" in capsys.readouterr().err
+
+
 def test_valid_weight_fraction_check_names_the_mistake(capsys):
     from tinyrefine.exercises import check_valid_weight_fraction
 

@@ -30,6 +30,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="refinenet, or torchvision's DeepLabV3 / FCN built from the same kernels (default: %(default)s)")
     p.add_argument("--output-stride", type=int, default=d["output_stride"], choices=[8, 16],
                    help="deeplabv3 / fcn: the encoder's output stride (8: torchvision's, 16: the DeepLabv3 paper's)")
+    p.add_argument("--aux-loss", type=float, default=d["aux_loss"], metavar="WEIGHT",
+                   help="deeplabv3 / fcn: add WEIGHT x the loss of an auxiliary FCN head on layer3 "
+                        "(torchvision's reference training: 0.5; default: %(default)s, no aux head)")
     p.add_argument("--encoder", default=d["encoder"], choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     p.add_argument("--encoder-width", type=int, default=d["encoder_width"], help="ResNet base width (64 in the paper)")
     p.add_argument("--features", type=int, default=d["features"], help="decoder width (256 in the paper)")

@@ -39,6 +39,8 @@ class TrainConfig:
     subset: Optional[int] = None         # first N training ids (for a full VOC download)
     model: str = "refinenet"             # refinenet | deeplabv3 | fcn (torchvision's, to compare with)
     output_stride: int = 8               # deeplabv3 / fcn: 8 (torchvision's) or 16 (the DeepLabv3 paper's)
+    aux_loss: float = 0.0                # deeplabv3 / fcn: weight of the auxiliary FCN head's loss on layer3
+                                         # (torchvision's reference training: 0.5); 0: no aux head
     encoder: str = "resnet18"
     encoder_width: int = 64
     features: int = 256
@@ -121,12 +123,17 @@ def build_model(config: TrainConfig, num_classes: int) -> Union[RefineNet, DeepL
                    if getattr(config, k) != getattr(defaults, k)]
         if changed:
             raise ValueError(f"{', '.join(changed)} apply to --model refinenet only, not {config.model}")
+    if not (np.isfinite(config.aux_loss) and config.aux_loss >= 0):
+        raise ValueError(f"aux_loss is the auxiliary loss's weight, >= 0; got {config.aux_loss!r}")
+    if config.aux_loss and config.model == "refinenet":   # its deep supervision is not the paper's
+        raise ValueError("aux_loss applies to --model deeplabv3 / fcn (torchvision's aux head on layer3), not refinenet")
+    aux = config.aux_loss > 0
     if config.model == "deeplabv3":
         model = DeepLabV3(num_classes, config.encoder, output_stride=config.output_stride, width=config.encoder_width,
-                          aspp_channels=config.features, freeze_bn=config.freeze_bn, seed=config.seed)
+                          aspp_channels=config.features, aux_loss=aux, freeze_bn=config.freeze_bn, seed=config.seed)
     elif config.model == "fcn":
         model = FCN(num_classes, config.encoder, output_stride=config.output_stride, width=config.encoder_width,
-                    freeze_bn=config.freeze_bn, seed=config.seed)
+                    aux_loss=aux, freeze_bn=config.freeze_bn, seed=config.seed)
     else:
         model = _build_refinenet(config, num_classes)
     if config.pretrained:
@@ -202,6 +209,17 @@ def segmentation_loss(logits: Tensor, masks, kind: str = "ce", class_weights=Non
     else:
         raise ValueError(f"loss must be 'ce', 'balanced' or 'ohem', got {kind!r}")
     return (losses * weights).sum() / xp.maximum(weights.sum(), 1e-12)
+
+
+def training_loss(model, images: Tensor, masks, config: TrainConfig, class_weights=None) -> Tensor:
+    """The loss one training step minimises: ``config.loss`` on the logits, plus, with ``config.aux_loss`` > 0,
+    that weight times the same loss on the auxiliary head's logits (torchvision's reference recipe for DeepLabV3
+    and FCN: main + 0.5 * aux; the aux head only trains the encoder better and is not used to predict)."""
+    if not config.aux_loss:
+        return segmentation_loss(model(images), masks, config.loss, class_weights, config.ohem_fraction)
+    main, aux = model.forward_with_aux(images)
+    return (segmentation_loss(main, masks, config.loss, class_weights, config.ohem_fraction)
+            + config.aux_loss * segmentation_loss(aux, masks, config.loss, class_weights, config.ohem_fraction))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -333,7 +351,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         tick = time.perf_counter()
         schedule.step(iteration)
         try:
-            loss = segmentation_loss(model(Tensor(images)), masks, config.loss, class_weights, config.ohem_fraction)
+            loss = training_loss(model, Tensor(images), masks, config, class_weights)
             loss_value = float(loss.item())
             if not np.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -407,7 +425,7 @@ def _check_same_run(saved: Dict[str, Any], config: TrainConfig) -> None:
     parameters the optimizer holds), the data and its sampling, the optimizer. Allowed, and taking
     effect: lr / encoder_lr (the schedule continues from the new base), iters, weight decay, momentum,
     evaluation and logging settings."""
-    fixed = ("data", "model", "output_stride", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
+    fixed = ("data", "model", "output_stride", "aux_loss", "encoder", "encoder_width", "features", "n_crp", "cascade", "improved_crp", "two_scale",
              "shortcuts", "long_range", "crp_relu", "freeze_bn", "classifier_kernel", "input_scale", "loss", "crop",
              "scale_min", "scale_max", "batch_size", "seed", "optimizer")
     defaults = TrainConfig()        # a key missing from an older checkpoint had its default then

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                      # the demo step, 1 thread each
     python benchmarks/profile_step.py --threads 2 --steps 10
     python benchmarks/profile_step.py --case r50 --steps 2 --no-layers
+    python benchmarks/profile_step.py --batch 1 --no-layers     # what a step costs with (almost) no data
 
 Issue 13 left the demo step at 1.4-1.9x torch while its most frequent conv alone was 0.5-1.3x: this splits
 the step. Two tables:
@@ -15,7 +16,9 @@ the step. Two tables:
           tinyrefine and torch alternating call by call in this process, and their sum weighted by count.
 With --threads above 1 the two libraries' idle threads spin against each other in one process: the layers
 table then runs each library in its own process, one after the other.
-Models and data as contention.py (demo: ResNet-18 width 16, batch 8, 64x64; r50: batch 2, 256x256).
+Models and data as contention.py (demo: ResNet-18 width 16, batch 8, 64x64; r50: batch 2, 256x256); --batch
+changes the batch. A step at batch 1 is mostly fixed cost per op (Python, numpy's per-call overhead, the
+engine): comparing it with batch 8 splits the demo's gap into a fixed part and a part that grows with the data.
 """
 from __future__ import annotations
 
@@ -36,9 +39,10 @@ sys.path.insert(0, HERE)
 from contention import case_shape, make_batch, tinyrefine_step, torch_step  # noqa: E402
 from tinyrefine.functional.common import _out_size  # noqa: E402
 
-# torch's aten ops, by the same kinds as tinyrefine's Functions (first match wins). Rough: "optimizer" takes
+# torch's aten ops, by the same kinds as tinyrefine's Functions (first match wins; at batch 1 torch's CPU conv is
+# its own im2col, aten::_slow_conv2d_forward/backward, not oneDNN). Rough: "optimizer" takes
 # every in-place mul_/add_/zero_, batch norm's running-statistics updates included
-KINDS = [("conv2d", ("convolution",)), ("max pool", ("max_pool",)), ("batch norm", ("batch_norm",)),
+KINDS = [("conv2d", ("convolution", "slow_conv2d")), ("max pool", ("max_pool",)), ("batch norm", ("batch_norm",)),
          ("relu", ("relu", "threshold", "clamp_min")), ("upsample", ("upsample",)),
          ("cross entropy", ("nll_loss", "log_softmax", "cross_entropy")), ("optimizer", ("sgd", "mul_", "add_", "zero_")),
          ("add", ("aten::add",))]
@@ -193,7 +197,7 @@ def time_layers(frameworks, geometries, repeat: int) -> dict:
 
 def layers_in_subprocess(args, framework: str) -> list:
     cmd = [sys.executable, os.path.abspath(__file__), "--layers-worker", framework, "--case", args.case,
-           "--threads", str(args.threads), "--repeat", str(args.repeat)]
+           "--threads", str(args.threads), "--repeat", str(args.repeat)] + (["--batch", str(args.batch)] if args.batch else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"layers worker ({framework}) failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -213,21 +217,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads for both libraries (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps (default: demo 10, r50 2)")
     parser.add_argument("--repeat", type=int, default=None, help="calls per conv layer (default: demo 15, r50 3)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: demo 8, r50 2)")
     parser.add_argument("--no-layers", action="store_true", help="skip the conv layers table")
     parser.add_argument("--layers-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     args.steps = args.steps or (10 if args.case == "demo" else 2)
     args.repeat = args.repeat or (15 if args.case == "demo" else 3)
     config, batch, size = case_shape(args.case, 256)
+    batch = args.batch or batch
     images, target = make_batch(batch, size, config["num_classes"])
     set_threads(args.threads)
     if args.layers_worker:
         print(json.dumps(time_layers([args.layers_worker], conv_geometries(config, images), args.repeat)[args.layers_worker]))
         return
 
-    print(f"{args.case} step, {args.threads} thread(s) each, {os.cpu_count()} cores, load average "
+    print(f"{args.case} step, batch {batch}, {args.threads} thread(s) each, {os.cpu_count()} cores, load average "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     ours = profile_tinyrefine(config, images, target, args.steps, args.threads)
     theirs = profile_torch(config, images, target, args.steps, args.threads)

@@ -212,6 +212,23 @@ def test_empty_cache_releases_the_scratch_buffers():
     assert y.data[0, 0, 2, 2] == 9.0        # and the next call allocates again
 
 
+def test_scratch_hands_out_the_same_view_until_its_buffer_grows_or_is_released():
+    """scratch() keeps the views it made (a small conv asks ~18 times): the same one comes back for the same
+    role, shape and dtype, and never one of a buffer that grew since or that empty_cache() let go."""
+    from tinyrefine.functional import common
+    first = common.scratch("test.role", (4, 5), np.float32)
+    assert common.scratch("test.role", (4, 5), np.float32) is first
+    other = common.scratch("test.role", (5, 4), np.float32)             # same buffer, another shape
+    assert other is not first and np.shares_memory(other, first)
+    grown = common.scratch("test.role", (64, 64), np.float32)           # a larger one replaces the buffer
+    again = common.scratch("test.role", (4, 5), np.float32)
+    assert again is not first and np.shares_memory(again, grown) and not np.shares_memory(again, first)
+    tr.empty_cache()
+    after = common.scratch("test.role", (4, 5), np.float32)
+    assert after is not again and not np.shares_memory(after, again)
+    assert common.scratch_nbytes() >= after.nbytes                       # counted: the buffer is the role's again
+
+
 # --------------------------------------------------------------------------- 6. resume resumes only what it can
 def _tiny_run(tmp_path, **changes):
     from tinyrefine.train import TrainConfig

@@ -28,8 +28,11 @@ def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) 
     Small jobs (under PARALLEL_MIN_VALUES values) run inline.
     BLAS is held at 1 thread meanwhile, so ``work`` may call it without oversubscribing.
     """
+    if n_planes < 2 or n_planes * plane_size < PARALLEL_MIN_VALUES:   # checked first: the thread count costs ~10 us
+        work(0, n_planes)
+        return
     n_threads = threads.get_num_threads()
-    if n_threads == 1 or n_planes < 2 or n_planes * plane_size < PARALLEL_MIN_VALUES:
+    if n_threads == 1:
         work(0, n_planes)
         return
     over_ranges(n_planes, work, min(n_planes, n_threads * chunks_per_core), n_threads)
@@ -73,6 +76,8 @@ def over_ranges(n_items: int, work, n_ranges: int, n_threads: int) -> list:
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    if type(value) is int and value >= minimum:   # the common case, first: every conv call passes three
+        return value, value
     pair = (value, value) if isinstance(value, (int, np.integer)) else \
         tuple(value) if isinstance(value, (tuple, list)) else (value,)  # (value,): a float fails below, clearly
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
@@ -94,11 +99,12 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int =
 
 
 class _Buffers:
-    """One thread's scratch buffers, by role."""
-    __slots__ = ("by_role", "__weakref__")
+    """One thread's scratch buffers, by role, and the views already handed out, by (role, shape, dtype)."""
+    __slots__ = ("by_role", "views", "__weakref__")
 
     def __init__(self) -> None:
         self.by_role: dict = {}
+        self.views: dict = {}
 
 
 _scratch = threading.local()        # each thread its own buffers: two threads never share one
@@ -119,12 +125,22 @@ def scratch(role: str, shape: tuple, dtype) -> np.ndarray:
         buffers = _scratch.buffers = _Buffers()   # freed with its thread
         with _scratch_lock:
             _scratch_by_thread.add(buffers)
+    key = (role, shape, dtype)
+    cached = buffers.views.get(key)   # a small conv asks for ~18 buffers: making each view cost 2-3 us (ours, issue 13)
+    if cached is not None and buffers.by_role.get(role) is cached[1]:   # (not if empty_cache() let it go)
+        return cached[0]
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize   # math.prod: np.prod costs ~13 us a call
     buffer = buffers.by_role.get(role)
     if buffer is None or buffer.nbytes < nbytes:
-        buffer = buffers.by_role[role] = np.empty(nbytes, dtype=np.uint8)
-    return buffer[:nbytes].view(dtype).reshape(shape)
+        with _scratch_lock:
+            buffer = buffers.by_role[role] = np.empty(nbytes, dtype=np.uint8)
+            buffers.views = {k: v for k, v in buffers.views.items() if k[0] != role}   # they hold the old buffer
+    view = buffer[:nbytes].view(dtype).reshape(shape)
+    if len(buffers.views) >= 512:     # many shapes (images of every size): start again rather than grow
+        buffers.views = {}
+    buffers.views[key] = (view, buffer)
+    return view
 
 
 def scratch_nbytes() -> int:
@@ -141,4 +157,5 @@ def release_scratch() -> int:
         released = sum(b.nbytes for buffers in _scratch_by_thread for b in list(buffers.by_role.values()))
         for buffers in _scratch_by_thread:
             buffers.by_role.clear()
+            buffers.views = {}
     return released

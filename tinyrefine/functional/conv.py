@@ -270,8 +270,8 @@ def _over_bands(images: list, kernel, stride, dilation, out_hw, out_channels: in
             elif result is not None:
                 total += result
         return total
-    n_threads = threads.get_num_threads()
-    if n_threads > 1 and n_chunks > 1:
+    n_threads = threads.get_num_threads() if n_chunks > 1 else 1    # (the lookup costs ~10 us: small jobs skip it)
+    if n_threads > 1:
         return over_ranges(len(bands), run, n_chunks, n_threads)
     bounds = range_bounds(len(bands), n_chunks)                        # the same chunks as over_ranges makes
     return [run(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

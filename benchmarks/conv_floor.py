@@ -17,29 +17,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tinyrefine as tr  # noqa: E402
 import tinyrefine.functional as F  # noqa: E402
 from tinyrefine.functional import common, conv  # noqa: E402
+import ops  # noqa: E402
 
 CASES = [("conv3x3 64->64 @160² (N=2)", (2, 64, 160, 160)), ("conv3x3 32->32 @16² (N=8, demo)", (8, 32, 16, 16))]
 
 
 def median_ms(step, repeat: int) -> float:
-    step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    """ops.py's timer (one warm-up call, then the median of ``repeat``), on the CPU: nothing to synchronise."""
+    return ops.median_ms(step, lambda: None, repeat)
 
 
 def tinyrefine_step(x, w, gy):

@@ -28,10 +28,8 @@ def over_planes(n_planes: int, work, plane_size: int, chunks_per_core: int = 4) 
     Small jobs (under PARALLEL_MIN_VALUES values) run inline.
     BLAS is held at 1 thread meanwhile, so ``work`` may call it without oversubscribing.
     """
-    if n_planes < 2 or n_planes * plane_size < PARALLEL_MIN_VALUES:   # checked first: the thread count costs ~10 us
-        work(0, n_planes)
-        return
-    n_threads = threads.get_num_threads()
+    small = n_planes < 2 or n_planes * plane_size < PARALLEL_MIN_VALUES
+    n_threads = 1 if small else threads.get_num_threads()   # (the lookup costs ~10 us: small jobs skip it)
     if n_threads == 1:
         work(0, n_planes)
         return

@@ -42,6 +42,9 @@ CASES = [
     ("conv3x3 64->64 @160²", "conv", (2, 64, 160, 160), dict(c_out=64, k=3, padding=1)),
     ("conv1x1 2048->512 @10²", "conv", (2, 2048, 10, 10), dict(c_out=512, k=1, padding=0)),
     ("maxpool5 s1 p2 (4,256,80²)", "maxpool", (4, 256, 80, 80), {}),
+    ("maxpool5 s1 p2 (8,32,16²) demo", "maxpool", (8, 32, 16, 16), {}),   # the demo network's CRP pools
+    ("maxpool5 s1 p2 (8,32,8²) demo", "maxpool", (8, 32, 8, 8), {}),
+    ("maxpool5 s1 p2 (8,64,2²) demo", "maxpool", (8, 64, 2, 2), {}),
     ("bilinear x2 (4,256,40²)", "bilinear", (4, 256, 40, 40), {}),
     # issue 12's kernels: the pooling matrices, conv_transpose2d = col2im(W^T x), max_unpool2d's sorted scatter
     ("avgpool3 s2 p1 (4,256,80²)", "avgpool", (4, 256, 80, 80), {}),

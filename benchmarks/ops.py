@@ -15,15 +15,17 @@ tinyrefine / torch (below 1.0 means tinyrefine is faster). float32.
 
 --paired R: the plain mode times all of torch's calls, then all of ours; on these shared machines the
 whole machine's speed drifts by 10-40% within minutes, so the same code measured 0.97x and 1.35x in two
-runs (issue 13). Paired mode takes the calls in turns instead: R rounds, each running every algorithm's
-step and torch's step once (the order reversed every other round), with a pause before each call so that
-the other library's idle threads have stopped spinning. Each round gives each algorithm a ratio to
-torch's call in that same round; the table shows the median times, the median ratio and its quartiles.
+runs (issue 13). Paired mode takes the calls in turns instead: R rounds, each giving every algorithm's
+step and torch's step one turn (the order reversed every other round), with a pause before each turn so
+that the other library's idle threads have stopped spinning. A turn is one call of a large kernel, or as
+many calls of a small one as make MIN_TURN_S. Each round gives each algorithm a ratio to torch's turn in
+that same round; the table shows the median times per call, the median ratio and its quartiles.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -158,23 +160,31 @@ def torch_step(kind, x_np, extra, device):
     return step
 
 
-PAUSE_S = 0.2   # before each paired call: OpenBLAS's idle threads spin about 0.1 s after a GEMM
+PAUSE_S = 0.2      # before each paired turn: OpenBLAS's idle threads spin about 0.1 s after a GEMM
+MIN_TURN_S = 0.05  # a turn repeats its call until it lasts this long (one call of a large kernel): a single call of
+                   # a small one after the pause was mostly waking threads up (torch's 0.1 ms 2x2 pool took 10 ms)
 
 
 def paired_rows(name: str, steps: dict, torch_call, sync, rounds: int) -> list:
     """Time each of ``steps`` (algorithm -> step) and ``torch_call`` in turns, ``rounds`` times (see --paired)."""
     calls = dict(steps, torch=torch_call)
-    for call in calls.values():   # warm-up: scratch buffers, plans, first-touch page faults
+    calls_per_turn = {}
+    for key, call in calls.items():   # warm-up (scratch buffers, plans, first-touch page faults), then one timed call
         call()
-    sync()
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        calls_per_turn[key] = max(1, math.ceil(MIN_TURN_S / max(time.perf_counter() - start, 1e-6)))
     times = {key: [] for key in calls}
     for r in range(rounds):
         for key in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
             time.sleep(PAUSE_S)
             start = time.perf_counter()
-            calls[key]()
+            for _ in range(calls_per_turn[key]):
+                calls[key]()
             sync()
-            times[key].append((time.perf_counter() - start) * 1e3)
+            times[key].append((time.perf_counter() - start) / calls_per_turn[key] * 1e3)
     rows = []
     for algorithm in steps:
         ratios = [ours / theirs for ours, theirs in zip(times[algorithm], times["torch"])]
@@ -182,7 +192,8 @@ def paired_rows(name: str, steps: dict, torch_call, sync, rounds: int) -> list:
         ours, theirs = float(np.median(times[algorithm])), float(np.median(times["torch"]))
         print(f"{name:30s} {algorithm:>10s} {ours:14.1f} {theirs:10.1f} {median:6.2f}x  ({q1:.2f}-{q3:.2f})", flush=True)
         rows.append(dict(case=name, algorithm=algorithm, ms=ours, torch_ms=theirs, paired_ratio=float(median),
-                         ratio_quartiles=[float(q1), float(q3)], rounds=rounds))
+                         ratio_quartiles=[float(q1), float(q3)], rounds=rounds,
+                         calls_per_turn=calls_per_turn[algorithm], torch_calls_per_turn=calls_per_turn["torch"]))
     return rows
 
 

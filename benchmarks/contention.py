@@ -24,6 +24,11 @@ idle meanwhile. Each round gives each setting its median step and its ratio to t
 round; the table shows the median over rounds of both, and the quartiles of the ratio. A drift slower than
 a round cancels out of the ratios. The automatic thread count reads the other settings' turns as load and
 often backs off to one thread here: in paired mode compare the fixed settings.
+
+tinyrefine's workers do what `python -m tinyrefine` does: memory.retain_freed_memory(), so glibc keeps the
+memory a step frees for the next step instead of faulting it in again (torch's workers keep their default).
+--heap-ab adds tinyrefine at 1 and 2 threads on glibc's default heap ("glibc heap 1", "glibc heap 2"), as a
+script that imports the library without calling it gets.
 """
 from __future__ import annotations
 
@@ -61,12 +66,16 @@ def make_batch(batch: int, size: int, classes: int):
 
 
 # --------------------------------------------------------------------------- workers
-def tinyrefine_step(config: dict, images, target, threads: str):
+def tinyrefine_step(config: dict, images, target, threads: str, retain_heap: bool = True):
     import tinyrefine as tr
     import tinyrefine.functional as F
     from tinyrefine.models import RefineNet
     from tinyrefine.optim import SGD
 
+    if retain_heap:   # as python -m tinyrefine does (an older checkout may not have it)
+        retain = getattr(getattr(tr, "memory", None), "retain_freed_memory", None)
+        if retain is not None:
+            retain()
     if threads != "auto":
         if hasattr(tr, "set_num_threads"):
             tr.set_num_threads(int(threads))
@@ -106,12 +115,19 @@ def torch_step(config: dict, images, target, threads: str):
     return step, lambda: str(torch.get_num_threads())
 
 
+def build_step(setting: str, case: str, r50_size: int):
+    """The step of a setting ("torch 1", "tinyrefine auto", "old 1", "glibc heap 2", ...) and its thread report."""
+    config, batch, size = case_shape(case, r50_size)
+    images, target = make_batch(batch, size, config["num_classes"])
+    framework, threads = setting.rsplit(" ", 1)
+    if framework == "torch":
+        return torch_step(config, images, target, threads)
+    return tinyrefine_step(config, images, target, threads, retain_heap=framework != "glibc heap")
+
+
 def paired_worker(args) -> None:
     """Build the step once, then on each line "k" of stdin time k steps and print their times (JSON)."""
-    config, batch, size = case_shape(args.case, args.r50_size)
-    images, target = make_batch(batch, size, config["num_classes"])
-    framework, threads = args.worker.rsplit(" ", 1)
-    step, _ = (torch_step if framework == "torch" else tinyrefine_step)(config, images, target, threads)
+    step, _ = build_step(args.worker, args.case, args.r50_size)
     step()                                                            # warm-up
     print("ready", flush=True)
     for line in sys.stdin:
@@ -156,11 +172,7 @@ def paired(args, case: str, roots: dict) -> dict:
 
 
 def worker(args) -> dict:
-    config, batch, size = case_shape(args.case, args.r50_size)
-    images, target = make_batch(batch, size, config["num_classes"])
-    framework, threads = args.worker.rsplit(" ", 1)
-    build = torch_step if framework == "torch" else tinyrefine_step
-    step, threads_used = build(config, images, target, threads)
+    step, threads_used = build_step(args.worker, args.case, args.r50_size)
     walls, cpus = [], []
     for i in range(args.steps + 1):                       # step 0 is the warm-up
         wall, cpu = time.perf_counter(), time.process_time()
@@ -214,6 +226,8 @@ def main() -> None:
                         help="timed steps after one warm-up (default: demo 10, r50 2; paired, per round: demo 3, r50 1)")
     parser.add_argument("--r50-size", type=int, default=256)
     parser.add_argument("--compare", metavar="PATH", help="also run this older tinyrefine checkout (auto and 1 thread)")
+    parser.add_argument("--heap-ab", action="store_true",
+                        help="also run tinyrefine at 1 and 2 threads on glibc's default heap (see above)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setting (the median is shown)")
     parser.add_argument("--paired", type=int, metavar="ROUNDS", help="steps in turns, live processes (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -230,6 +244,8 @@ def main() -> None:
     roots = {setting: ROOT for setting in SETTINGS}
     if args.compare:
         roots.update({"old auto": args.compare, "old 1": args.compare})
+    if args.heap_ab:
+        roots.update({"glibc heap 1": ROOT, "glibc heap 2": ROOT})
     steps_given = args.steps
     print(f"{os.cpu_count()} cores, python {sys.version.split()[0]}, load average at start {load_average()}")
     if args.paired:

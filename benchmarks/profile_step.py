@@ -85,7 +85,7 @@ def profile_tinyrefine(config, images, target, steps: int, threads: int) -> dict
         for sub in cls.__subclasses__():
             yield sub
             yield from subclasses(sub)
-    step, _ = tinyrefine_step(config, images, target, str(threads))
+    step, _ = tinyrefine_step(config, images, target, str(threads), retain_heap=False)   # torch shares this process
     originals = {cls: cls.backward for cls in subclasses(engine.Function) if "backward" in vars(cls)}
     original_step = SGD.step
 

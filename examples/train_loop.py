@@ -19,6 +19,7 @@ from tinyrefine.models import RefineNet
 from tinyrefine.optim import Adam, PolyLR
 
 ITERS, WARMUP = 300, 30
+tr.retain_freed_memory()   # as the CLI does: glibc keeps what a step frees for the next step (README, CPU)
 device = "cuda" if tr.cuda_available() else "cpu"
 train_set, val_set = Shapes("train"), Shapes("val")
 loader = DataLoader(train_set, batch_size=8, shuffle=True, seed=0, drop_last=True,

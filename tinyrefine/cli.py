@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory()   # this process is ours: keep freed heap for the next step (memory.py; ~5% on the demo step)
+    retain_freed_memory()   # this process is ours: keep freed heap for the next step (memory.py; 5-10% on the demo step)
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, TrainingDiverged, MemoryError, RuntimeError, KeyError) as error:

@@ -48,7 +48,8 @@ def retain_freed_memory(mmap_threshold: int = GLIBC_MAX_MMAP_THRESHOLD, trim_thr
     time per step of the demo network on a 2-core VM (ours, issue 13). Blocks below ``mmap_threshold``
     bytes then come from the heap, and up to ``trim_threshold`` bytes of free heap stay in the process
     (glibc's mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; setting them also stops glibc's own sliding
-    threshold). Measured with benchmarks/contention.py, which does what the CLI does: ~1 fault per step.
+    threshold): then ~1 fault per step (getrusage), and the demo step 5-10% faster in three paired runs of
+    ``benchmarks/contention.py --heap-ab``, which does what the CLI does.
 
     The setting is process-wide, as malloc is, so importing tinyrefine never makes it: ``python -m
     tinyrefine`` calls this, and a script or notebook may. The cost: up to ``trim_threshold`` bytes of freed

@@ -9,7 +9,7 @@ import pytest
 
 import tinyrefine as tr
 from tinyrefine import cli
-from tinyrefine.memory import GLIBC_MAX_MMAP_THRESHOLD, retain_freed_memory
+from tinyrefine.memory import GLIBC_MAX_MMAP_THRESHOLD, glibc_mallopt, retain_freed_memory
 
 STEP_PATTERN = textwrap.dedent("""
     import resource, sys
@@ -31,15 +31,7 @@ STEP_PATTERN = textwrap.dedent("""
 """)
 
 
-def glibc() -> bool:
-    import ctypes
-    try:
-        return sys.platform.startswith("linux") and bool(ctypes.CDLL(None).gnu_get_libc_version)
-    except (OSError, AttributeError):
-        return False
-
-
-@pytest.mark.skipif(not glibc(), reason="retain_freed_memory acts on glibc's malloc only (Linux)")
+@pytest.mark.skipif(glibc_mallopt() is None, reason="retain_freed_memory acts on glibc's malloc only (Linux)")
 def test_retained_memory_is_not_faulted_in_again_at_every_step():
     out = subprocess.run([sys.executable, "-c", STEP_PATTERN], capture_output=True, text=True, check=True).stdout
     default, retained, took = out.split()

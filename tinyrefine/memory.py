@@ -63,13 +63,21 @@ def retain_freed_memory(mmap_threshold: int = GLIBC_MAX_MMAP_THRESHOLD, trim_thr
                          f"{GLIBC_MAX_MMAP_THRESHOLD} bytes (32 MiB)")
     if trim_threshold >= 1 << 31:
         raise ValueError(f"retain_freed_memory: trim_threshold {trim_threshold} does not fit mallopt's int (< 2 GiB)")
-    if not sys.platform.startswith("linux"):
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def glibc_mallopt():
+    """glibc's ``mallopt`` from the C library this process runs on, or None where that is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(None)                     # the C library this process already runs on
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version                    # glibc's own symbol: musl has mallopt but ignores it
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return mallopt
